@@ -193,7 +193,7 @@ def test_training_lowers_the_loss_on_a_tiny_data_set():
     net = fm.VelocityNet(width=8)
     ema = fm.copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    args = fm.argparse.Namespace(sigma_min=0.0, ema_decay=0.99)
+    args = fm.argparse.Namespace(sigma_min=0.0, ema_decay=0.99, bf16=False)
     losses = [fm.train_step(net, ema, opt, fm.draw_batch(images, 32), 3e-3, step, args) for step in range(150)]
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
 
