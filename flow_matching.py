@@ -1,35 +1,28 @@
 """Flow matching for images in one file: learn a velocity field, then ride it from noise to data.
 
 Flow matching (Lipman et al. 2022) trains a network v(x, t) so that the ODE dx/dt = v(x, t) carries
-noise x0 ~ N(0, I) at t=0 to data x1 ~ p_data at t=1. The field that does this (the marginal
-velocity) is intractable, but for a single data point x1 the optimal-transport (OT) path and its
-velocity are known in closed form, and regressing on them is enough:
+noise x0 ~ N(0, I) at t=0 to data x1 at t=1 (minRF and Stable Diffusion 3 run time the other way).
+For one data point x1 the optimal-transport (OT) path and its velocity are known in closed form,
+and regressing on them is enough to learn the field:
 
     path    x_t = (1 - (1 - σ_min) t) x0 + t x1       so x_t | x1 ~ N(t x1, (1 - (1 - σ_min) t)² I)
     target  u   = d/dt x_t = x1 - (1 - σ_min) x0
     loss    L_CFM = E_{t, x0, x1} || v(x_t, t) - u ||²
     ODE     dx/dt = v(x, t) from x(0) ~ N(0, I) to x(1), a sample
 
-L_FM (regression on the marginal velocity) equals L_CFM plus a constant that does not depend on the
-network (Theorem 2 of the paper), so both have the same minimiser: the marginal velocity, which is
-the posterior mean of u given x_t. Time runs from noise (t=0) to data (t=1) throughout; some
-codebases (minRF, Stable Diffusion 3) run it the other way.
-
 Usage:
     python flow_matching.py train --data-dir data --minutes 10      # writes runs/mnist/ckpt.pt
     python flow_matching.py sample --ckpt runs/mnist/ckpt.pt --solver rk4 --steps 5 --out s.png
+    python flow_matching.py likelihood --ckpt runs/mnist/ckpt.pt --data-dir data     # bits/dim
 
 References:
     Lipman, Chen, Ben-Hamu, Nickel, Le. Flow Matching for Generative Modeling. arXiv:2210.02747, 2022.
-    Tong et al. Improving and generalizing flow-based generative models with minibatch optimal
-        transport (TorchCFM). arXiv:2302.00482, 2023.
-    Esser et al. Scaling Rectified Flow Transformers for High-Resolution Image Synthesis
-        (logit-normal t). arXiv:2403.03206, 2024.
+    Grathwohl et al. FFJORD (Hutchinson's divergence estimator in flows). arXiv:1810.01367, 2018.
+    Ho, Salimans. Classifier-Free Diffusion Guidance. arXiv:2207.12598, 2022.
+    Esser et al. Scaling Rectified Flow Transformers (logit-normal t). arXiv:2403.03206, 2024.
 """
 import argparse
-import contextlib
 import copy
-import io
 import math
 import os
 import signal
@@ -37,6 +30,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import datasets
@@ -44,16 +38,15 @@ from torchvision.utils import save_image
 
 
 def die(message):
-    """A user's mistake: one line on stderr and exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    """A user's mistake: one line on stderr (from the first process only, under torchrun) and exit code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-# --- 1. Time embedding --------------------------------------------------------------------------
-# The network needs t as a vector it can use: sines and cosines of t at geometric frequencies from
-# 1 to 1000 radians per unit time, so that some features change slowly across [0, 1] and others
-# tell apart times only 1e-3 apart.
-
+# --- 1. Time embedding ----------------------------------------------------------------------------
+# Sines and cosines of t at frequencies from 1 to 1000 radians per unit time: some features change
+# slowly across [0, 1], others tell apart times 1e-3 apart.
 def time_embedding(t, dim):
     freqs = torch.logspace(0, 3, dim // 2, device=t.device)        # ω_k = 1000^(k / (dim/2 - 1))
     angles = t[:, None].float() * freqs                               # (B, dim/2)
@@ -61,48 +54,35 @@ def time_embedding(t, dim):
 
 
 # --- 2. Velocity network --------------------------------------------------------------------------
-# v(x, t) has the shape of x. A small U-Net: residual blocks at three resolutions (28, 14, 7 for
-# MNIST; 32, 16, 8 for CIFAR-10), the time embedding added inside every block, and skip
-# connections from each resolution on the way down to the same resolution on the way up.
-
-class Norm(nn.GroupNorm):
-    """GroupNorm(8) computed in float32: under bfloat16 autocast on a CPU, PyTorch's bfloat16 kernel
-    for channels_last tensors is about 10x slower than the float32 one (and less accurate)."""
-    def __init__(self, channels):
-        super().__init__(8, channels)
-
-    def forward(self, x):
-        return super().forward(x.float())
-
-
+# v(x, t) has the shape of x. A small U-Net: residual blocks at resolutions 28, 14, 7, 4 for MNIST
+# (32 down to 4 for CIFAR-10), the time embedding added inside every block, and skip connections
+# from each resolution on the way down to the same resolution on the way up.
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, emb_dim):
         super().__init__()
-        self.norm1, self.conv1 = Norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = Norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         nn.init.zeros_(self.conv2.weight)                             # each block starts as the identity
 
-    def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x, emb):  # GroupNorm in float32: PyTorch's bfloat16 one on channels_last CPU tensors is 10x slower
+        h = self.conv1(F.silu(self.norm1(x.float()))) + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h.float())))
         return self.skip(x) + h
 
-
 class VelocityNet(nn.Module):
-    def __init__(self, channels=1, width=32, emb_dim=128, classes=0):
+    def __init__(self, channels=1, widths=(32, 64, 128), emb_dim=128, classes=0):
         super().__init__()
-        widths = [width, 2 * width, 4 * width]                       # channels per resolution
         self.emb_dim, self.classes = emb_dim, classes
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(classes + 1, emb_dim) if classes else None  # label `classes` = none
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        self.down = nn.ModuleList(ResBlock(a, b, emb_dim) for a, b in zip([width] + widths, widths))
-        self.pool = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for w in widths[:-1])
+        self.stem = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(a, b, emb_dim) for a, b in zip(widths[:1] + widths[:-1], widths))
+        self.pool = nn.ModuleList([nn.Conv2d(w, w, 3, stride=2, padding=1) for w in widths[:-1]] + [nn.Identity()])
         self.mid = ResBlock(widths[-1], widths[-1], emb_dim)
-        self.up = nn.ModuleList(ResBlock(2 * b, a, emb_dim) for a, b in zip([width] + widths, widths))
-        self.head = nn.Sequential(Norm(width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
+        self.up = nn.ModuleList(ResBlock(2 * b, a, emb_dim) for a, b in zip(widths[:1] + widths[:-1], widths))
+        self.head = nn.Sequential(nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
 
     def forward(self, x, t, y=None):
@@ -110,29 +90,24 @@ class VelocityNet(nn.Module):
         if self.classes:                                              # no label given: the null label
             emb = emb + self.label_emb(torch.full_like(t, self.classes, dtype=torch.long) if y is None else y)
         h, skips = self.stem(x), []
-        for i, block in enumerate(self.down):
+        for block, pool in zip(self.down, self.pool):
             h = block(h, emb)
             skips.append(h)
-            if i < len(self.pool):
-                h = self.pool[i](h)                                   # halve the resolution
+            h = pool(h)                                               # halve the resolution (not the last)
         h = self.mid(h, emb)
-        for i in reversed(range(len(self.up))):
-            h = self.up[i](torch.cat([h, skips.pop()], dim=1), emb)
-            if i > 0:
-                h = F.interpolate(h, scale_factor=2.0)                # double it back
-        return self.head(h)
+        for up, skip in zip(reversed(self.up), reversed(skips)):      # back to each skip's resolution
+            h = up(torch.cat([F.interpolate(h, size=skip.shape[-2:]), skip], dim=1), emb)
+        return self.head(h.float())
 
 
 # --- 3. The OT probability path -------------------------------------------------------------------
 # Conditioned on a data point x1, x_t moves on a straight line from the noise x0 to (almost) x1:
 # σ_min > 0 leaves a little noise at t=1 so that p_1(x | x1) = N(x1, σ_min² I) is not a point mass.
-
 def ot_path(x0, x1, t, sigma_min):
     t = t.view(-1, *[1] * (x1.dim() - 1))                             # broadcast t over pixels
     xt = (1 - (1 - sigma_min) * t) * x0 + t * x1                      # x_t = (1 - (1 - σ_min) t) x0 + t x1
     u = x1 - (1 - sigma_min) * x0                                     # u = d/dt x_t = x1 - (1 - σ_min) x0
     return xt, u
-
 
 def draw_t(n):
     """t for training. Logit-normal (Esser et al. 2024): more weight on the middle of the path,
@@ -141,25 +116,24 @@ def draw_t(n):
 
 
 # --- 4. The conditional flow matching loss --------------------------------------------------------
-
+# Regressing on the marginal velocity (L_FM) is intractable; L_CFM regresses on u instead, and
+# L_FM = L_CFM + C with C independent of v (Theorem 1 of seed 000), so both have the same minimiser:
+# the marginal velocity, the posterior mean of u given x_t.
 def cfm_loss(model, x0, x1, t, sigma_min, y=None):
     xt, u = ot_path(x0, x1, t, sigma_min)
-    return F.mse_loss(model(xt, t, y).float(), u)                           # L_CFM = E || v(x_t, t) - u ||² / D
+    return F.mse_loss(model(xt, t, y).float(), u)                     # L_CFM = E || v(x_t, t) - u ||² / D
 
 
-# --- 5. Data ----------------------------------------------------------------------------------------
-# A whole training set of small images fits in memory as one uint8 tensor; batches are gathered
-# from it directly, which is faster than a per-image DataLoader. Pixels map to [-1, 1].
-
+# --- 5. Data --------------------------------------------------------------------------------------
+# The training set sits in memory as one uint8 tensor; batches are gathered from it directly, which
+# is faster than a per-image DataLoader. Pixels map to [-1, 1].
 DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
-
 
 def load_images(name, root, train=True):
     """(N, C, H, W) uint8 images and (N,) labels; torchvision downloads them when it can."""
     kind = DATASETS[name]
     try:
-        with contextlib.redirect_stdout(io.StringIO()):               # torchvision's download chatter
-            data = kind(root, train=train, download=True)
+        data = kind(root, train=train, download=True)
     except Exception:
         folder, files = (os.path.join(root, kind.__name__, "raw"), [f for f, _ in kind.resources]) \
             if hasattr(kind, "resources") else (root, [kind.filename])
@@ -168,27 +142,18 @@ def load_images(name, root, train=True):
     images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)
     return images.contiguous(), torch.as_tensor(data.targets)
 
-
 def to_model_scale(pixels):
     return pixels.float() / 127.5 - 1                                 # {0, ..., 255} → [-1, 1]
-
 
 def to_unit_scale(x):
     return ((x + 1) / 2).clamp(0, 1)                                  # [-1, 1] → [0, 1] for images
 
 
-# --- 6. Samplers ------------------------------------------------------------------------------------
-# Generation integrates dx/dt = v(x, t) from t=0 (noise) to t=1 with a fixed step h. Each step
-# function works for any velocity v(x, t), so the tests can hand them fields with known solutions.
-# Error after reaching t=1: O(h) for Euler, O(h²) for midpoint, O(h⁴) for RK4.
-
+# --- 6. Samplers ----------------------------------------------------------------------------------
+# Generation integrates dx/dt = v(x, t) from t=0 (noise) to t=1 with a fixed step h, for any v(x, t)
+# (the tests hand in fields with known solutions). Error at t=1: O(h) for Euler, O(h⁴) for RK4.
 def euler_step(v, x, t, h):
     return x + h * v(x, t)                                            # x_{t+h} = x_t + h v(x_t, t)
-
-
-def midpoint_step(v, x, t, h):
-    return x + h * v(x + h / 2 * v(x, t), t + h / 2)
-
 
 def rk4_step(v, x, t, h):
     k1 = v(x, t)
@@ -197,117 +162,161 @@ def rk4_step(v, x, t, h):
     k4 = v(x + h * k3, t + h)
     return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
+SOLVERS = {"euler": (euler_step, 1), "rk4": (rk4_step, 4)}         # (step, NFE per step)
 
-SOLVERS = {"euler": (euler_step, 1), "midpoint": (midpoint_step, 2), "rk4": (rk4_step, 4)}  # (step, NFE per step)
-
-
-def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0):
-    """x(t1) from x(t0) in `steps` equal steps; returns it and the number of evaluations of v (NFE)."""
+def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0, trajectory=None):
+    """x(t1) from x(t0) in `steps` equal steps, and the number of evaluations of v (NFE); a `trajectory` list gets each x."""
     step, evals = SOLVERS[solver]
     h = (t1 - t0) / steps
     for i in range(steps):
         x = step(v, x, t0 + i * h, h)
+        if trajectory is not None:
+            trajectory.append(x)
     return x, steps * evals
 
-
-def velocity_field(model, y=None):
-    """The network as a v(x, t) with t a number, as the samplers call it."""
-    return lambda x, t: model(x, torch.full((len(x),), t, device=x.device), y)
-
+def velocity_field(model, y=None, guidance=1.0):
+    """The network as the samplers' v(x, t); given labels y, classifier-free guidance from one pass over a doubled batch."""
+    if y is None:
+        return lambda x, t: model(x, torch.full((len(x),), t, device=x.device))
+    def guided(x, t):
+        labels = torch.cat([y, torch.full_like(y, model.classes)])    # each sample with its label, then with none
+        v_y, v_null = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=x.device), labels).chunk(2)
+        return v_null + guidance * (v_y - v_null)                     # v = v_null + w (v_y - v_null): w=0 null, 1 y
+    return guided
 
 @torch.no_grad()
-def generate(model, noise, steps, solver):
-    x, nfe = integrate(velocity_field(model), noise, steps, solver)
+def generate(model, noise, steps, solver, y=None, guidance=1.0, trajectory=None):
+    x, nfe = integrate(velocity_field(model, y, guidance), noise, steps, solver, trajectory=trajectory)
     return to_unit_scale(x), nfe
 
 
-# --- 7. Training --------------------------------------------------------------------------------------
-# AdamW on L_CFM with gradient clipping; the learning rate warms up, then decays linearly to zero
-# over the run's budget (its steps, or its minutes). Samples come from an exponential moving average
-# (EMA) of the weights, which averages out the noise of the last steps.
+# --- 7. Likelihood --------------------------------------------------------------------------------
+# The flow also gives exact densities. Along a trajectory the continuity equation (seed 000) reads
+# d/dt log p_t(x_t) = -div v(x_t, t), so log p_1(x1) = log N(x0; 0, I) - ∫_0^1 div v(x_t, t) dt, where
+# x0 is x1 carried back to t=0. We integrate x and the divergence together, from t=1 down to t=0.
+def divergence(v, x, t, noise=None):
+    """v(x, t) and its divergence: Hutchinson's estimate E_ε[εᵀ (∂v/∂x) ε] with one vector-Jacobian
+    product for Rademacher noise ε, or, with noise=None, the exact trace (one product per dimension)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        vx = v(x, t)
+        if noise is not None:
+            div = (torch.autograd.grad(vx, x, noise)[0] * noise).flatten(1).sum(1)   # εᵀ J ε
+        else:                                                                        # Σ_i ∂v_i/∂x_i
+            div = sum(torch.autograd.grad(vx.flatten(1)[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
+                      for i in range(x[0].numel()))
+    return vx.detach(), div.detach()
 
+def log_likelihood(v, x1, steps, solver="rk4", exact=False):
+    """log p_1(x1) of the flow of v, per sample, and the NFE."""
+    d = x1[0].numel()
+    noise = None if exact else torch.randint(0, 2, x1.shape, device=x1.device).float() * 2 - 1  # ε = ±1
+    def augmented(z, t):                                              # z = (x, ∫ div v dt)
+        vx, div = divergence(v, z[:, :d].view_as(x1), t, noise)
+        return torch.cat([vx.flatten(1), div[:, None]], dim=1)
+    z = torch.cat([x1.flatten(1), x1.new_zeros(len(x1), 1)], dim=1)
+    z, nfe = integrate(augmented, z, steps, solver, t0=1.0, t1=0.0)
+    x0, int_div = z[:, :d], z[:, d]                                   # int_div = ∫_1^0 div = -∫_0^1 div
+    log_p0 = -0.5 * (x0 ** 2).sum(1) - 0.5 * d * math.log(2 * math.pi)  # log N(x0; 0, I)
+    return log_p0 + int_div, nfe
+
+def bits_per_dim(pixels, log_likelihood_of):
+    """Bits/dim of 8-bit images: pixel + U[0, 1) has a density on [0, 256)^D; x = (pixel + U - 1/2) / 127.5 - 1
+    puts it on the model's scale, so bits/dim = -(log p_x(x) - D ln 127.5) / (D ln 2)."""
+    x = to_model_scale(pixels.float() + torch.rand(pixels.shape, device=pixels.device) - 0.5)
+    d = x[0].numel()
+    log_px, nfe = log_likelihood_of(x)
+    return -(log_px - d * math.log(127.5)) / (d * math.log(2)), nfe
+
+
+# --- 8. Training ----------------------------------------------------------------------------------
+# AdamW on L_CFM with gradient clipping; the learning rate warms up, then decays linearly to zero over
+# the run's budget (steps or minutes). Samples come from an exponential moving average (EMA) of the weights.
 def learning_rate(peak, step, progress, warmup=200):
     return peak * min(1.0, (step + 1) / warmup) * max(0.0, 1.0 - progress)
 
-
 @torch.no_grad()
-def ema_update(ema, model, step, decay):
+def ema_update(ema, model, step, decay=0.999):
     d = min(decay, (1 + step) / (10 + step))                          # short memory while the run is young
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)                                             # e ← d e + (1 - d) p
 
-
-def save_checkpoint(path, state):
-    torch.save(state, path + ".tmp")                                  # a crash mid-write leaves the old file
-    os.replace(path + ".tmp", path)
-
-
 def load_checkpoint(path):
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+        die(f"no checkpoint at {path}" if isinstance(e, FileNotFoundError) else f"{path} is not a readable checkpoint")
     if not isinstance(ckpt, dict) or not {"model", "ema", "config", "step"} <= ckpt.keys():
         die(f"{path} is not a flow_matching.py checkpoint")
     return ckpt
 
-
 def build_model(config, state=None, device="cpu"):
     try:
-        model = VelocityNet(config["channels"], config["width"], classes=config["classes"])
+        model = VelocityNet(config["channels"], config["widths"], classes=config["classes"])
         if state is not None:
             model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as e:
         die(f"the checkpoint does not match this version of flow_matching.py ({type(e).__name__})")
     return model.to(device, memory_format=torch.channels_last)
 
-
 def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    name = next(d for d in available if available[d]) if name == "auto" else name
+    if not available[name]:
         die(f"--device {name} is not available on this machine")
     return torch.device(name)
 
-
-def bf16_is_fast(device):
-    """bfloat16 autocast pays on GPUs and on CPUs with native bfloat16 (AVX-512 BF16, AMX); elsewhere
-    it is emulated and several times slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def draw_batch(images, batch_size):
-    """Everything random in one training step, drawn on the CPU from torch's global generator, so
-    that a checkpoint of that generator's state makes a resumed run repeat the same batches."""
+def draw_batch(images, labels, batch_size, classes=0, flip=False, p_drop=0.1):
+    """Everything random in a step, from torch's global generator on the CPU, whose state in the checkpoint
+    makes a resumed run repeat the same batches. Each label becomes the null label with probability p_drop."""
     idx = torch.randint(len(images), (batch_size,))
     x1 = to_model_scale(images[idx])
-    return torch.randn_like(x1), x1, draw_t(batch_size)               # x0 ~ N(0, I), x1 ~ p_data, t
+    if flip:                                                          # mirror half the images left to right
+        x1 = torch.where(torch.rand(batch_size, 1, 1, 1) < 0.5, x1.flip(-1), x1)
+    y = torch.where(torch.rand(batch_size) < p_drop, classes, labels[idx])
+    return torch.randn_like(x1), x1, draw_t(batch_size), y            # x0 ~ N(0, I), x1 ~ p_data, t, y
 
+def setup_processes(args):
+    """Rank, number of processes and device; several under torchrun, which sets WORLD_SIZE."""
+    device, world = pick_device(args.device), int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    if args.batch_size % world:
+        die(f"--batch-size {args.batch_size} does not split evenly over {world} processes")
+    if device.type == "cuda":
+        if torch.cuda.device_count() < int(os.environ["LOCAL_WORLD_SIZE"]):
+            die(f"--nproc_per_node {os.environ['LOCAL_WORLD_SIZE']} is more than the {torch.cuda.device_count()} GPUs here")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
 
-def train_step(model, ema, opt, batch, lr, step, args):
+def agreed(values):
+    """The largest of each number over all processes (NaN if any is NaN), so that they act alike."""
+    if not dist.is_initialized():
+        return values
+    values = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+def train_step(net, ema, opt, batch, lr, step, args):
+    """One AdamW step on L_CFM; `net` is the model or its DDP wrapper."""
     for group in opt.param_groups:
         group["lr"] = lr
-    x0, x1, t = batch
+    x0, x1, t, y = batch
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=args.bf16):
-        loss = cfm_loss(model, x0, x1, t, args.sigma_min)
-    if not torch.isfinite(loss):
-        die(f"the loss is {loss.item()} at step {step}; the last checkpoint is kept (try a lower --lr)")
+        loss = cfm_loss(net, x0, x1, t, args.sigma_min, y if args.class_cond else None)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     opt.step()
-    ema_update(ema, model, step, args.ema_decay)
+    ema_update(ema, getattr(net, "module", net), step)
     return loss.item()
 
-
-def start_run(args, images, device):
+def start_run(args, images, labels, device):
     """Model, EMA, optimizer and position (step, seconds) of a new run, or of the one in --out."""
     config = dict(dataset=args.dataset, channels=images.shape[1], size=images.shape[2],
-                  width=args.width, classes=0, sigma_min=args.sigma_min)
+                  widths=args.widths, classes=int(labels.max()) + 1 if args.class_cond else 0, sigma_min=args.sigma_min)
     model = build_model(config, device=device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -315,107 +324,124 @@ def start_run(args, images, device):
     if args.resume:
         ckpt = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
         if ckpt["config"] != config:
-            die(f"--resume: the checkpoint in {args.out} was trained with {ckpt['config']}, not {config}")
+            changed = ", ".join(f"{k} {v} (now {config.get(k)})" for k, v in ckpt["config"].items() if config.get(k) != v)
+            die(f"--resume: the run in {args.out} was trained with other settings: {changed}")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         run.update(step=ckpt["step"], elapsed=ckpt["elapsed"])
         torch.set_rng_state(ckpt["rng"])
     return run
 
-
 def save_run(run, args, noise):
     state = dict(model=run["model"].state_dict(), ema=run["ema"].state_dict(), optimizer=run["opt"].state_dict(),
-                 step=run["step"], elapsed=run["elapsed"], config=run["config"], rng=torch.get_rng_state(),
-                 args=vars(args))
-    save_checkpoint(os.path.join(args.out, "ckpt.pt"), state)
-    grid = generate(run["ema"], noise, 5, "rk4")[0]
-    save_image(grid, os.path.join(args.out, f"samples_{run['step']:06d}.png"), nrow=8)
-
+                 step=run["step"], elapsed=run["elapsed"], config=run["config"], rng=torch.get_rng_state())
+    path = os.path.join(args.out, "ckpt.pt")
+    torch.save(state, path + ".tmp")                                  # a crash mid-write leaves the old file
+    os.replace(path + ".tmp", path)
+    save_image(generate(run["ema"], noise, 5, "rk4")[0], os.path.join(args.out, f"samples_{run['step']:06d}.png"), nrow=8)
 
 def train(args):
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    images, _ = load_images(args.dataset, args.data_dir)
-    args.bf16 = args.precision == "bf16" or args.precision == "auto" and bf16_is_fast(device)
-    run = start_run(args, images, device)
+    rank, world, device = setup_processes(args)
+    torch.manual_seed(args.seed)                                      # the same on every process
+    images, labels = load_images(args.dataset, args.data_dir)
+    native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and \
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    args.bf16 = native_bf16 and not args.fp32                         # emulated bfloat16 is slower than float32
+    run = start_run(args, images, labels, device)
     model, step = run["model"], run["step"]
-    print(f"{args.dataset}: {len(images)} images of {tuple(images.shape[1:])} on {device}"
-          f"{' with bfloat16 autocast' if args.bf16 else ''}; "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; from step {step}")
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if args.compile else net
+    log = print if rank == 0 else lambda *a, **k: None
+    log(f"{args.dataset}: {len(images)} images of {tuple(images.shape[1:])} on {world} x {device}"
+        f"{' with bfloat16 autocast' if args.bf16 else ''}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; from step {step}")
     noise = torch.randn(64, *images.shape[1:], generator=torch.Generator().manual_seed(0)).to(device)
     stop = []                                                         # Ctrl-C and SIGTERM end the run cleanly
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda number, frame: stop.append(number))
-    steps, budget = args.steps or math.inf, 60 * args.minutes if args.minutes else math.inf
-    start, window = time.perf_counter() - run["elapsed"], (time.perf_counter(), step)
-    while step < steps and run["elapsed"] < budget and not stop:
+    steps, budget = args.steps or math.inf, 60 * (args.minutes or (math.inf if args.steps else 10))
+    start, first, stopped = time.perf_counter() - run["elapsed"], (run["elapsed"], step), False
+    while step < steps and run["elapsed"] < budget and not stopped:
         progress = step / steps if args.steps else run["elapsed"] / budget
-        batch = [a.to(device) for a in draw_batch(images, args.batch_size)]
-        loss = train_step(model, run["ema"], run["opt"], batch, learning_rate(args.lr, step, progress), step, args)
+        batch = draw_batch(images, labels, args.batch_size, run["config"]["classes"], args.dataset == "cifar10")
+        batch = [a[rank::world].to(device) for a in batch]           # this process's share of the batch
+        loss = train_step(net, run["ema"], run["opt"], batch, learning_rate(args.lr, step, progress), step, args)
         step = run["step"] = step + 1
-        run["elapsed"] = time.perf_counter() - start
-        if step % args.log_every == 0:
-            rate = (step - window[1]) * args.batch_size / (time.perf_counter() - window[0])
+        run["elapsed"], stopped, worst = agreed([time.perf_counter() - start, float(bool(stop)), loss])
+        if not math.isfinite(worst):                                  # a NaN on any process stops them all
+            die(f"the loss is {worst} at step {step}; the last checkpoint is kept (try a lower --lr)")
+        if step % 100 == 0:
+            rate = (step - first[1]) * args.batch_size / (run["elapsed"] - first[0])
             left = min(budget - run["elapsed"], (steps - step) * args.batch_size / rate)
-            print(f"step {step:6d}  loss {loss:.4f}  {rate:6.1f} img/s  {left / 60:5.1f} min left", flush=True)
-            window = (time.perf_counter(), step)
-        if step % args.save_every == 0:
+            log(f"step {step:6d}  loss {loss:.4f}  {rate:6.1f} img/s  {left / 60:5.1f} min left", flush=True)
+        if step % args.save_every == 0 and rank == 0:
             save_run(run, args, noise)
-    save_run(run, args, noise)
-    print(f"saved {args.out}/ckpt.pt at step {step} ({run['elapsed'] / 60:.1f} min)"
-          + (" on a stop signal" if stop else ""))
+    if rank == 0:
+        save_run(run, args, noise)
+    log(f"saved {args.out}/ckpt.pt at step {step} ({run['elapsed'] / 60:.1f} min)" + (" on a stop signal" if stopped else ""))
+    if world > 1:
+        dist.destroy_process_group()
 
 
-# --- 8. Command line -----------------------------------------------------------------------------------
+# --- 9. Command line ------------------------------------------------------------------------------
 
 def sample(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
     model = build_model(ckpt["config"], ckpt["ema"], device).eval()
-    c, s = ckpt["config"]["channels"], ckpt["config"]["size"]
-    noise = torch.randn(args.n, c, s, s, generator=torch.Generator().manual_seed(args.seed))
-    start, out = time.perf_counter(), []
-    for chunk in noise.split(500):
-        x, nfe = generate(model, chunk.to(device).contiguous(memory_format=torch.channels_last), args.steps, args.solver)
-        out.append(x.cpu())
-    x = torch.cat(out)
-    if args.out.endswith(".pt"):
-        torch.save(x.contiguous(), args.out)
-    else:
-        save_image(x, args.out, nrow=math.ceil(math.sqrt(args.n)))
+    c, s, classes = ckpt["config"]["channels"], ckpt["config"]["size"], model.classes
+    noise = torch.randn(args.n, c, s, s, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    if args.label is not None and not 0 <= args.label < classes:
+        die(f"--label must be in 0..{classes - 1}, got {args.label}" if classes else "--label needs a --class-cond model")
+    nrow = math.ceil(args.n / classes) if classes and args.label is None else math.ceil(math.sqrt(args.n))
+    y = None if not classes else (torch.full((args.n,), args.label) if args.label is not None  # no --label: a row per class
+                                  else torch.arange(args.n) // nrow).to(device)
+    start = time.perf_counter()                                       # 500 at a time bounds the memory
+    x, nfe = zip(*(generate(model, noise[i:i + 500], args.steps, args.solver, y if y is None else y[i:i + 500], args.guidance)
+                   for i in range(0, args.n, 500)))
+    x, nfe = torch.cat(x).cpu(), nfe[0]
+    torch.save(x.contiguous(), args.out) if args.out.endswith(".pt") else save_image(x, args.out, nrow=nrow)
     print(f"wrote {args.n} samples to {args.out}: {args.solver}, {nfe} NFE, {time.perf_counter() - start:.1f} s")
+    if args.trajectory:                                               # x_t at t = 0, h, 2h, ..., 1 for 8 samples
+        frames = [noise[:8]]
+        generate(model, noise[:8], args.steps, args.solver, y if y is None else y[:8], args.guidance, frames)
+        save_image(to_unit_scale(torch.stack(frames, 1).flatten(0, 1)), args.trajectory, nrow=len(frames))
 
+def likelihood(args):
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    model = build_model(ckpt["config"], ckpt["ema"], device).eval().requires_grad_(False)
+    images, _ = load_images(ckpt["config"]["dataset"], args.data_dir, train=False)
+    torch.manual_seed(args.seed)                                      # which images, U and ε
+    pixels = images[torch.randperm(len(images))[:args.n]].to(device)
+    start, v = time.perf_counter(), velocity_field(model)
+    bpd, nfe = zip(*(bits_per_dim(chunk, lambda x: log_likelihood(v, x, args.steps, args.solver)) for chunk in pixels.split(250)))
+    bpd, nfe = torch.cat(bpd).cpu(), nfe[0]
+    print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} {ckpt['config']['dataset']} "
+          f"test images: {args.solver}, {nfe} NFE, {time.perf_counter() - start:.1f} s")
 
 def checked(kind, ok, what):
-    """An argparse type: `kind(text)` that must satisfy `ok`, else a one-line error naming `what`."""
+    """An argparse type: `kind(text)` that must satisfy `ok`; argparse reports failures naming `what`."""
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not ok(value := kind(text)):
+            raise ValueError(text)
         return value
+    parse.__name__ = what
     return parse
 
-
-POSITIVE_INT = checked(int, lambda n: n > 0, "a positive integer")
-POSITIVE = checked(float, lambda x: x > 0 and math.isfinite(x), "a positive number")
-IN_0_1 = checked(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
-
+POSITIVE_INT = checked(int, lambda n: n > 0, "positive integer")
+POSITIVE = checked(float, lambda x: x > 0 and math.isfinite(x), "positive number")
+WIDTHS = checked(lambda text: [int(w) for w in text.split(",")], lambda ws: all(w > 0 and w % 8 == 0 for w in ws), "list of multiples of 8")
+NON_NEGATIVE = checked(float, lambda x: x >= 0 and math.isfinite(x), "non-negative number")
+IN_0_1 = checked(float, lambda x: 0 <= x < 1, "number in [0, 1)")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                         # one line and exit 2, like every bad input
         die(message)
 
-
-def writable(path, ends=None):
-    """Fail now, not after an hour of work, when an output file cannot be written."""
+def writable(path, ends):
+    """Fail now, not after the work, when an output file cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
-    if ends and not path.endswith(ends):
-        die(f"{path}: the output must end in {' or '.join(ends)}")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        die(f"cannot write {path}: {folder} is not a writable folder")
-
+    if not path.endswith(ends) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        die(f"cannot write {path}: it must end in {' or '.join(ends)}, in a writable folder")
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -423,47 +449,49 @@ def parse_args(argv=None):
     common = Parser(add_help=False)
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run (auto: cuda, then mps, then cpu)")
     common.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run or samples")
-    t = sub.add_parser("train", parents=[common], help="train a velocity network")
+    data, reader = Parser(add_help=False), Parser(add_help=False)
+    data.add_argument("--data-dir", default="./data", help="folder the data set is read from or downloaded to")
+    reader.add_argument("--ckpt", required=True, help="checkpoint written by train")
+    reader.add_argument("--solver", default="rk4", choices=sorted(SOLVERS), help="ODE solver")
+    t = sub.add_parser("train", parents=[common, data], help="train a velocity network")
     t.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="torchvision data set")
-    t.add_argument("--data-dir", default="./data", help="folder the data set is read from or downloaded to")
     t.add_argument("--out", default="runs/mnist", help="run folder: ckpt.pt and sample grids go there")
     t.add_argument("--steps", type=POSITIVE_INT, help="stop after this many optimizer steps in all (resumed runs included)")
     t.add_argument("--minutes", type=POSITIVE, help="stop after this much training time (default 10 if --steps is not given)")
-    t.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per optimizer step")
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per optimizer step, over all processes under torchrun")
     t.add_argument("--lr", type=POSITIVE, default=2e-3, help="peak learning rate of AdamW")
-    t.add_argument("--width", type=POSITIVE_INT, default=32, help="channels at full resolution (x2, x4 below); a multiple of 8")
+    t.add_argument("--widths", type=WIDTHS, default=[32, 64, 128], help="channels of the U-Net at each resolution, from the top, comma-separated multiples of 8")
     t.add_argument("--sigma-min", type=IN_0_1, default=0.0, help="noise left at t=1 on the OT path")
-    t.add_argument("--ema-decay", type=IN_0_1, default=0.999, help="decay of the weights' moving average used for sampling")
-    t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16: bfloat16 autocast for the "
-                   "forward pass; auto: bf16 where the hardware has it natively (CUDA, AVX-512 BF16 CPUs), else fp32")
-    t.add_argument("--log-every", type=POSITIVE_INT, default=100, help="print a log line every this many steps")
+    t.add_argument("--fp32", action="store_true", help="no bfloat16 autocast, which is on where it is fast (CUDA, AVX-512 BF16 CPUs)")
     t.add_argument("--save-every", type=POSITIVE_INT, default=1000, help="save ckpt.pt and a sample grid every this many steps")
+    t.add_argument("--class-cond", action="store_true", help="learn v(x, t, label) for classifier-free guidance (labels dropped 10%% of the time)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the network (pays off on GPUs, for long runs)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
-    s = sub.add_parser("sample", parents=[common], help="draw samples from a checkpoint")
-    s.add_argument("--ckpt", required=True, help="checkpoint written by train")
-    s.add_argument("--solver", default="rk4", choices=sorted(SOLVERS), help="ODE solver")
-    s.add_argument("--steps", type=POSITIVE_INT, default=5, help="solver steps from t=0 to t=1 (NFE: Euler 1, midpoint 2, RK4 4 per step)")
+    s = sub.add_parser("sample", parents=[common, reader], help="draw samples from a checkpoint")
+    s.add_argument("--steps", type=POSITIVE_INT, default=5, help="solver steps from t=0 to t=1 (NFE: Euler 1, RK4 4 per step)")
     s.add_argument("--n", type=POSITIVE_INT, default=64, help="number of samples")
     s.add_argument("--out", default="samples.png", help=".png for a grid, .pt for a tensor (N, C, H, W) in [0, 1]")
+    s.add_argument("--label", type=int, help="class to sample from a --class-cond model (default: one row per class)")
+    s.add_argument("--guidance", type=NON_NEGATIVE, default=1.0, help="classifier-free guidance weight w: 0 unconditional, 1 conditional, >1 sharper")
+    s.add_argument("--trajectory", help="also save x_t from noise to image for 8 samples to this .png, one row each")
+    lk = sub.add_parser("likelihood", parents=[common, data, reader], help="bits/dim of test images under a checkpoint")
+    lk.add_argument("--n", type=POSITIVE_INT, default=1000, help="number of test images")
+    lk.add_argument("--steps", type=POSITIVE_INT, default=10, help="solver steps from t=1 back to t=0")
     args = p.parse_args(argv)
     if args.command == "train":
-        if args.width % 8:
-            die(f"--width must be a multiple of 8 (GroupNorm uses 8 groups), got {args.width}")
-        if args.steps is None and args.minutes is None:
-            args.minutes = 10.0
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:
             die(f"cannot create the run folder {args.out}: {e.strerror}")
-        writable(os.path.join(args.out, "ckpt.pt"))
-    else:
+    elif args.command == "sample":
         writable(args.out, (".png", ".pt"))
+        if args.trajectory:
+            writable(args.trajectory, (".png",))
     return args
-
 
 def main(argv=None):
     args = parse_args(argv)
-    {"train": train, "sample": sample}[args.command](args)
+    {"train": train, "sample": sample, "likelihood": likelihood}[args.command](args)
 
 
 if __name__ == "__main__":

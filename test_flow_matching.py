@@ -42,7 +42,7 @@ def test_time_embedding_varies_slowly_and_quickly_across_the_unit_interval():
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_network_output_has_the_input_shape_and_depends_on_t(shape):
     torch.manual_seed(0)
-    net = randomize(fm.VelocityNet(channels=shape[0], width=8))
+    net = randomize(fm.VelocityNet(channels=shape[0], widths=[8, 16, 16, 16]))
     x = torch.randn(2, *shape)
     v0, v1 = net(x, torch.zeros(2)), net(x, torch.full((2,), 0.7))
     assert v0.shape == x.shape
@@ -150,7 +150,7 @@ def test_integrating_the_marginal_velocity_lands_on_the_data():
 
 def test_cfm_loss_is_the_mean_squared_error_to_the_target():
     torch.manual_seed(0)
-    net = randomize(fm.VelocityNet(width=8))
+    net = randomize(fm.VelocityNet(widths=[8, 16, 16]))
     x0, x1, t = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.rand(3)
     xt, u = fm.ot_path(x0, x1, t, SIGMA)
     expected = ((net(xt, t) - u) ** 2).mean()
@@ -159,7 +159,7 @@ def test_cfm_loss_is_the_mean_squared_error_to_the_target():
 
 # --- 6. Samplers ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("midpoint", 2), ("rk4", 4)])
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("rk4", 4)])
 def test_solvers_converge_at_their_order(solver, order):
     """dx/dt = x cos t has x(1) = x(0) e^{sin 1}; halving h divides the error by 2^order."""
     x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
@@ -182,7 +182,72 @@ def test_integrate_backwards_undoes_forwards():
     torch.testing.assert_close(back, x0, atol=1e-7, rtol=0)
 
 
-# --- 7. Training ---------------------------------------------------------------------------------
+class LabelEcho(torch.nn.Module):
+    """A 'network' whose velocity is its label, 3 being the null label."""
+    classes = 3
+
+    def forward(self, x, t, y):
+        return torch.zeros_like(x) + y.view(-1, 1).float()
+
+
+@pytest.mark.parametrize("w, expected", [(0.0, 3.0), (1.0, 1.0), (2.0, -1.0)])
+def test_guidance_mixes_label_and_null_velocities(w, expected):
+    """v = v_null + w (v_y - v_null): w = 0 is the null label's field, w = 1 the label's, and w > 1
+    pushes past the label, away from the null field (here v_y = 1, v_null = 3)."""
+    v = fm.velocity_field(LabelEcho(), torch.tensor([1, 1]), w)
+    assert torch.equal(v(torch.zeros(2, 5), 0.3), torch.full((2, 5), expected))
+
+
+# --- 7. Likelihood --------------------------------------------------------------------------------
+
+def gaussian_marginal_field(mu, s):
+    """The exact marginal velocity when the data are N(μ, s² I) and σ_min = 0: x_t ~ N(t μ, σ_t² I)
+    with σ_t² = (1 - t)² + t² s², and v(x, t) = μ + (σ_t'/σ_t) (x - t μ), σ_t σ_t' = t s² - (1 - t)."""
+    return lambda x, t: mu + (t * s ** 2 - (1 - t)) / ((1 - t) ** 2 + t ** 2 * s ** 2) * (x - t * mu)
+
+
+def test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form():
+    """The flow of the exact field carries N(0, I) to N(μ, s² I); the continuity equation must give
+    that density's log at any point, with the exact divergence and, on average, with Hutchinson's."""
+    mu, s = torch.tensor([1.0, -2.0, 0.5]), 0.3
+    x1 = mu + s * torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    truth = torch.distributions.Normal(mu, s).log_prob(x1).sum(1)
+    v = gaussian_marginal_field(mu, s)
+    exact, nfe = fm.log_likelihood(v, x1, 50, "rk4", exact=True)
+    assert nfe == 200
+    torch.testing.assert_close(exact, truth, atol=1e-3, rtol=0)
+    torch.manual_seed(0)
+    hutchinson, _ = fm.log_likelihood(v, x1.repeat(400, 1), 20, "rk4")
+    torch.testing.assert_close(hutchinson.view(400, 5).mean(0), truth, atol=0.05, rtol=0)
+
+
+def test_hutchinson_divergence_is_unbiased():
+    """E_ε[εᵀ J ε] = tr J for Rademacher ε, on a nonlinear field whose Jacobian is not diagonal."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 4)
+    v = lambda x, t: torch.tanh(x @ w) * (1 + t)
+    x = torch.randn(1, 4).repeat(20_000, 1)
+    _, exact = fm.divergence(v, x[:1], 0.5)
+    noise = torch.randint(0, 2, x.shape).float() * 2 - 1
+    _, estimates = fm.divergence(v, x, 0.5, noise)
+    assert abs(estimates.mean() - exact[0]) < 4 * estimates.std() / math.sqrt(len(x))
+    assert estimates.std() > 0.01                                     # it is an estimate, not the trace
+
+
+def test_bits_per_dim_of_a_standard_normal_over_8_bit_pixels():
+    """The zero field leaves N(0, I) in place. A pixel k dequantised to x = (k + U - 1/2) / 127.5 - 1
+    then costs E[-log N(x)] + ln 127.5 nats: ½ ln 2π + ½ (c² + 1 / (12 · 127.5²)) + ln 127.5 with
+    c = k / 127.5 - 1."""
+    torch.manual_seed(0)
+    k = torch.tensor([0, 40, 128, 255]).repeat(20_000)
+    pixels = k.view(-1, 1, 1, 1).to(torch.uint8)
+    bpd, _ = fm.bits_per_dim(pixels, lambda x: fm.log_likelihood(lambda x, t: 0 * x, x, 1, "euler"))
+    c = k.double() / 127.5 - 1
+    expected = (0.5 * math.log(2 * math.pi) + 0.5 * (c ** 2 + 1 / (12 * 127.5 ** 2)) + math.log(127.5)) / math.log(2)
+    torch.testing.assert_close(bpd.double().view(-1, 4).mean(0), expected.view(-1, 4).mean(0), atol=1e-4, rtol=0)
+
+
+# --- 8. Training ---------------------------------------------------------------------------------
 
 def test_training_lowers_the_loss_on_a_tiny_data_set():
     """Two 8x8 images, a pattern and its negative: the zero field scores E||u||² / D = 2, and a net that
@@ -190,11 +255,11 @@ def test_training_lowers_the_loss_on_a_tiny_data_set():
     torch.manual_seed(0)
     pattern = (torch.rand(1, 1, 8, 8) > 0.5).to(torch.uint8) * 255
     images = torch.cat([pattern, 255 - pattern])
-    net = fm.VelocityNet(width=8)
+    net = fm.VelocityNet(widths=[8, 16, 16])
     ema = fm.copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    args = fm.argparse.Namespace(sigma_min=0.0, ema_decay=0.99, bf16=False)
-    losses = [fm.train_step(net, ema, opt, fm.draw_batch(images, 32), 3e-3, step, args) for step in range(150)]
+    args = fm.argparse.Namespace(sigma_min=0.0, bf16=False, class_cond=False)
+    losses = [fm.train_step(net, ema, opt, fm.draw_batch(images, torch.zeros(2, dtype=torch.long), 32), 3e-3, step, args) for step in range(150)]
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
 
 
@@ -211,7 +276,27 @@ def test_ema_follows_the_weights_with_its_decay():
     torch.testing.assert_close(b.weight, 0.9 * before + 0.1 * a.weight.detach())
 
 
-# --- 8. Command line, end to end -----------------------------------------------------------------
+def test_labels_are_dropped_per_sample_at_the_requested_rate():
+    torch.manual_seed(0)
+    images, labels = torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.arange(100) % 10
+    _, _, _, y = fm.draw_batch(images, labels, 50_000, classes=10, p_drop=0.1)
+    dropped = y == 10
+    assert abs(dropped.float().mean() - 0.1) < 0.005
+    assert (y[~dropped] < 10).all()
+    for batch in y[:1000].view(-1, 100):                              # within each batch of 100, not all-or-none
+        assert 0 < (batch == 10).sum() < 100
+
+
+def test_cifar10_batches_are_flipped_left_to_right_half_the_time():
+    torch.manual_seed(0)
+    image = torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4).expand(1, 3, 4, 4)
+    _, x1, _, _ = fm.draw_batch(image, torch.zeros(1, dtype=torch.long), 4000, flip=True)
+    flipped = x1[:, 0, 0, 0] > x1[:, 0, 0, -1]
+    assert abs(flipped.float().mean() - 0.5) < 0.03
+    torch.testing.assert_close(x1[flipped], fm.to_model_scale(image.flip(-1)).expand(int(flipped.sum()), 3, 4, 4))
+
+
+# --- 9. Command line, end to end -----------------------------------------------------------------
 
 def write_idx(path, array):
     """torchvision's on-disk MNIST format: a magic number (3 = unsigned bytes, then the number of
@@ -240,10 +325,27 @@ def fake_mnist(root, folder="MNIST", n_train=64, n_test=16):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return fake_mnist(str(tmp_path_factory.mktemp("data")))
+    root = str(tmp_path_factory.mktemp("data"))
+    fake_mnist(root, "FashionMNIST")                                  # Fashion-MNIST has MNIST's format
+    return fake_mnist(root)
 
 
-TINY = ["--width", "8", "--batch-size", "8", "--log-every", "1", "--device", "cpu"]
+def fake_cifar10(root, n=20):
+    """torchvision's on-disk CIFAR-10: pickled dicts of (N, 3072) bytes and labels in cifar-10-batches-py."""
+    import pickle
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy(), "labels": list(range(n))}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    return root
+
+
+TINY = ["--widths", "8,8", "--batch-size", "8", "--device", "cpu"]
 OFFLINE = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")  # no download
 
 
@@ -290,6 +392,77 @@ def test_sample_writes_a_grid_and_a_tensor_and_repeats_with_a_seed(run, tmp_path
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.fixture(scope="module")
+def cond_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cond")
+    cli("train", "--data-dir", data, "--out", out, "--steps", 6, "--class-cond", *TINY)
+    return out
+
+
+def test_a_class_conditional_model_samples_one_class_or_a_row_per_class(cond_run, tmp_path):
+    assert load(cond_run / "ckpt.pt")["config"]["classes"] == 10
+    result = cli("sample", "--ckpt", cond_run / "ckpt.pt", "--label", 7, "--guidance", 2, "--n", 4, "--steps", 2,
+                 "--out", tmp_path / "sevens.pt")
+    assert "8 NFE" in result.stdout and load(tmp_path / "sevens.pt").shape == (4, 1, 28, 28)
+    cli("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 20, "--steps", 3, "--out", tmp_path / "rows.png",
+        "--trajectory", tmp_path / "flow.png")
+    from torchvision.io import read_image
+    assert read_image(str(tmp_path / "rows.png")).shape[1:] == (2 + 10 * 30, 2 + 2 * 30)   # 10 rows of 2
+    assert read_image(str(tmp_path / "flow.png")).shape[1:] == (2 + 8 * 30, 2 + 4 * 30)    # t = 0, 1/3, 2/3, 1
+
+
+def test_likelihood_prints_bits_per_dim_and_the_nfe(run, data):
+    result = cli("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 8, "--steps", 2)
+    bpd = float(result.stdout.split()[0])
+    assert 0 < bpd < 100 and "8 NFE" in result.stdout and "8 mnist test images" in result.stdout
+
+
+def test_fashion_mnist_trains_and_its_checkpoint_names_it(data, tmp_path):
+    cli("train", "--dataset", "fashion-mnist", "--data-dir", data, "--out", tmp_path, "--steps", 2, *TINY)
+    assert load(tmp_path / "ckpt.pt")["config"]["dataset"] == "fashion-mnist"
+
+
+def test_cifar10_trains_in_colour_and_samples_at_its_size(tmp_path, monkeypatch):
+    """In-process, so that the fake files can skip torchvision's checksums of the real ones."""
+    import torchvision.datasets.cifar
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    monkeypatch.setattr(fm.signal, "signal", lambda *args: None)     # leave pytest's Ctrl-C alone
+    root = fake_cifar10(str(tmp_path))
+    fm.main(["train", "--dataset", "cifar10", "--data-dir", root, "--out", str(tmp_path / "run"), "--steps", "2", *TINY])
+    assert load(tmp_path / "run" / "ckpt.pt")["config"] | dict(dataset="cifar10", channels=3, size=32) == \
+        load(tmp_path / "run" / "ckpt.pt")["config"]
+    fm.main(["sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--n", "3", "--steps", "1", "--out", str(tmp_path / "s.pt")])
+    assert load(tmp_path / "s.pt").shape == (3, 3, 32, 32)
+
+
+def torchrun(nproc, *args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(HERE, "flow_matching.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=OFFLINE, timeout=300)
+
+
+def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(data, tmp_path):
+    """Each process takes half of the global batch and DDP averages the gradients: the same step as one
+    process on the whole batch, up to float32 rounding (in float32, as bfloat16 would round more)."""
+    flags = ["--data-dir", data, "--steps", 4, *TINY, "--fp32"]
+    result = torchrun(2, "train", "--out", tmp_path / "two", *flags)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("saved") == 1 and sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "samples_000004.png"]
+    cli("train", "--out", tmp_path / "one", *flags)
+    one, two = load(tmp_path / "one" / "ckpt.pt"), load(tmp_path / "two" / "ckpt.pt")
+    assert one.keys() == two.keys() and one["step"] == two["step"] == 4
+    for key in ["model", "ema"]:
+        for name, tensor in one[key].items():
+            torch.testing.assert_close(two[key][name], tensor, atol=1e-5, rtol=0)
+    cli("sample", "--ckpt", tmp_path / "two" / "ckpt.pt", "--n", 2, "--steps", 1, "--out", tmp_path / "s.pt")
+
+
+def test_torchrun_with_a_batch_that_does_not_split_gives_one_error_line(data, tmp_path):
+    result = torchrun(3, "train", "--data-dir", data, "--out", tmp_path, "--steps", 2, *TINY)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and errors == ["error: --batch-size 8 does not split evenly over 3 processes"]
+
+
 def test_resume_after_ctrl_c_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
     """Ctrl-C saves a checkpoint; resuming it with the same flags ends bit-identical to one long run."""
     flags = ["--data-dir", data, "--steps", 300, "--save-every", 1000, *TINY]
@@ -320,7 +493,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tm
     assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
 
 
-def bad_inputs(run, data, tmp):
+def bad_inputs(run, cond_run, data, tmp):
     not_ckpt, corrupt, a_file = tmp / "tensor.pt", tmp / "corrupt.pt", tmp / "file"
     torch.save(torch.zeros(3), not_ckpt)
     corrupt.write_bytes(b"not a checkpoint at all")
@@ -333,21 +506,30 @@ def bad_inputs(run, data, tmp):
         "corrupt checkpoint": ["sample", "--ckpt", corrupt],
         "not a checkpoint": ["sample", "--ckpt", not_ckpt],
         "unknown solver": ["sample", "--ckpt", ckpt, "--solver", "heun"],
+        "label for an unconditional model": ["sample", "--ckpt", ckpt, "--label", 3],
+        "label out of range": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 10],
+        "negative guidance": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 1, "--guidance", -1],
+        "trajectory not a png": ["sample", "--ckpt", ckpt, "--trajectory", tmp / "flow.jpg"],
+        "likelihood of a missing checkpoint": ["likelihood", "--ckpt", tmp / "nothing.pt"],
         "zero steps": ["sample", "--ckpt", ckpt, "--steps", 0],
         "negative n": ["sample", "--ckpt", ckpt, "--n", -3],
         "unknown output type": ["sample", "--ckpt", ckpt, "--out", tmp / "s.jpg"],
         "unwritable output": ["sample", "--ckpt", ckpt, "--out", a_file / "s.png"],
+        "widths not multiples of 8": ["train", "--data-dir", data, "--widths", "12,24"],
         "zero batch size": ["train", "--data-dir", data, "--batch-size", 0],
         "negative learning rate": ["train", "--data-dir", data, "--lr", -1e-3],
         "text for a number": ["train", "--data-dir", data, "--steps", "many"],
         "unwritable run folder": ["train", "--data-dir", data, "--out", a_file / "run"],
         "data set unavailable": ["train", "--data-dir", empty, "--out", tmp / "r"],
+        "unknown data set": ["train", "--data-dir", data, "--dataset", "svhn"],
+        "cifar10 unavailable": ["train", "--data-dir", empty, "--dataset", "cifar10", "--out", tmp / "c"],
+        "resume with another data set": ["train", "--data-dir", data, "--out", run, "--resume", "--dataset", "fashion-mnist"],
         "resume without a checkpoint": ["train", "--data-dir", data, "--out", tmp / "new", "--resume"],
     }
 
 
-def test_bad_input_gives_one_line_and_exit_code_2(run, data, tmp_path):
-    for what, args in bad_inputs(run, data, tmp_path).items():
+def test_bad_input_gives_one_line_and_exit_code_2(run, cond_run, data, tmp_path):
+    for what, args in bad_inputs(run, cond_run, data, tmp_path).items():
         result = cli(*args, check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (what, result.stderr)
