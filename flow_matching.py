@@ -72,7 +72,7 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 class VelocityNet(nn.Module):
-    def __init__(self, channels=1, widths=(32, 64, 128), emb_dim=128, classes=0):
+    def __init__(self, channels=1, widths=(32, 64, 128, 128), emb_dim=128, classes=0):
         super().__init__()
         self.emb_dim, self.classes = emb_dim, classes
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -460,7 +460,7 @@ def parse_args(argv=None):
     t.add_argument("--minutes", type=POSITIVE, help="stop after this much training time (default 10 if --steps is not given)")
     t.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per optimizer step, over all processes under torchrun")
     t.add_argument("--lr", type=POSITIVE, default=2e-3, help="peak learning rate of AdamW")
-    t.add_argument("--widths", type=WIDTHS, default=[32, 64, 128], help="channels of the U-Net at each resolution, from the top, comma-separated multiples of 8")
+    t.add_argument("--widths", type=WIDTHS, default=[32, 64, 128, 128], help="channels of the U-Net at each resolution, from the top, comma-separated multiples of 8")
     t.add_argument("--sigma-min", type=IN_0_1, default=0.0, help="noise left at t=1 on the OT path")
     t.add_argument("--fp32", action="store_true", help="no bfloat16 autocast, which is on where it is fast (CUDA, AVX-512 BF16 CPUs)")
     t.add_argument("--save-every", type=POSITIVE_INT, default=1000, help="save ckpt.pt and a sample grid every this many steps")
