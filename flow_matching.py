@@ -394,9 +394,9 @@ def sample(args):
     nrow = math.ceil(args.n / classes) if classes and args.label is None else math.ceil(math.sqrt(args.n))
     y = None if not classes else (torch.full((args.n,), args.label) if args.label is not None  # no --label: a row per class
                                   else torch.arange(args.n) // nrow).to(device)
-    start = time.perf_counter()                                       # 500 at a time bounds the memory
-    x, nfe = zip(*(generate(model, noise[i:i + 500], args.steps, args.solver, y if y is None else y[i:i + 500], args.guidance)
-                   for i in range(0, args.n, 500)))
+    start = time.perf_counter()                                       # 128 at a time stay in the CPU's caches
+    x, nfe = zip(*(generate(model, noise[i:i + 128], args.steps, args.solver, y if y is None else y[i:i + 128], args.guidance)
+                   for i in range(0, args.n, 128)))
     x, nfe = torch.cat(x).cpu(), nfe[0]
     torch.save(x.contiguous(), args.out) if args.out.endswith(".pt") else save_image(x, args.out, nrow=nrow)
     print(f"wrote {args.n} samples to {args.out}: {args.solver}, {nfe} NFE, {time.perf_counter() - start:.1f} s")
@@ -413,7 +413,7 @@ def likelihood(args):
     torch.manual_seed(args.seed)                                      # which images, U and ε
     pixels = images[torch.randperm(len(images))[:args.n]].to(device)
     start, v = time.perf_counter(), velocity_field(model)
-    bpd, nfe = zip(*(bits_per_dim(chunk, lambda x: log_likelihood(v, x, args.steps, args.solver)) for chunk in pixels.split(250)))
+    bpd, nfe = zip(*(bits_per_dim(chunk, lambda x: log_likelihood(v, x, args.steps, args.solver)) for chunk in pixels.split(128)))
     bpd, nfe = torch.cat(bpd).cpu(), nfe[0]
     print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} {ckpt['config']['dataset']} "
           f"test images: {args.solver}, {nfe} NFE, {time.perf_counter() - start:.1f} s")
