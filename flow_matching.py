@@ -292,7 +292,7 @@ def setup_processes(args):
     return dist.get_rank(), world, device
 
 def agreed(values):
-    """The largest of each number over all processes (NaN if any is NaN), so that they act alike."""
+    """The largest of each number over all processes, so that they all stop and schedule alike."""
     if not dist.is_initialized():
         return values
     values = torch.tensor(values, dtype=torch.float64)
@@ -366,7 +366,7 @@ def train(args):
         loss = train_step(net, run["ema"], run["opt"], batch, learning_rate(args.lr, step, progress), step, args)
         step = run["step"] = step + 1
         run["elapsed"], stopped, worst = agreed([time.perf_counter() - start, float(bool(stop)), loss])
-        if not math.isfinite(worst):                                  # a NaN on any process stops them all
+        if not math.isfinite(worst):                                  # NaN weights reach every process
             die(f"the loss is {worst} at step {step}; the last checkpoint is kept (try a lower --lr)")
         if step % 100 == 0:
             rate = (step - first[1]) * args.batch_size / (run["elapsed"] - first[0])
