@@ -383,10 +383,13 @@ def train(args):
 
 # --- 9. Command line ------------------------------------------------------------------------------
 
+def load_model(args):
+    """The checkpoint --ckpt, its EMA weights as a model on --device for sampling and scoring, and the device."""
+    device, ckpt = pick_device(args.device), load_checkpoint(args.ckpt)
+    return ckpt, build_model(ckpt["config"], ckpt["ema"], device).eval().requires_grad_(False), device
+
 def sample(args):
-    device = pick_device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    model = build_model(ckpt["config"], ckpt["ema"], device).eval()
+    ckpt, model, device = load_model(args)
     c, s, classes = ckpt["config"]["channels"], ckpt["config"]["size"], model.classes
     noise = torch.randn(args.n, c, s, s, generator=torch.Generator().manual_seed(args.seed)).to(device)
     if args.label is not None and not 0 <= args.label < classes:
@@ -406,9 +409,7 @@ def sample(args):
         save_image(to_unit_scale(torch.stack(frames, 1).flatten(0, 1)), args.trajectory, nrow=len(frames))
 
 def likelihood(args):
-    device = pick_device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    model = build_model(ckpt["config"], ckpt["ema"], device).eval().requires_grad_(False)
+    ckpt, model, device = load_model(args)
     images, _ = load_images(ckpt["config"]["dataset"], args.data_dir, train=False)
     torch.manual_seed(args.seed)                                      # which images, U and ε
     pixels = images[torch.randperm(len(images))[:args.n]].to(device)
