@@ -174,6 +174,24 @@ def test_solvers_converge_at_their_order(solver, order):
     assert slope == pytest.approx(order, abs=0.3)
 
 
+@pytest.mark.parametrize("solver,t0,t1", [("euler", 0.0, 1.0), ("rk4", 0.0, 1.0), ("rk4", 1.0, 0.0)])
+def test_step_boundaries_follow_the_grid_and_end_at_t1(solver, t0, t1):
+    """Steps start at t = s - a sin(2πs) / 2π, s = i / n (Euler a = 0: equal steps; RK4 a = 1/2), and end on t1."""
+    starts = []
+    def v(x, t):
+        starts.append(t)
+        return torch.ones_like(x)                                     # dx/dt = 1: x(t1) = x(t0) + t1 - t0
+    n, a = 40, fm.SOLVERS[solver][2]
+    x1, _ = fm.integrate(v, torch.zeros(1, dtype=torch.float64), n, solver, t0=t0, t1=t1)
+    s = torch.arange(n + 1, dtype=torch.float64) / n
+    grid = t0 + (t1 - t0) * (s - a * torch.sin(2 * math.pi * s) / (2 * math.pi))
+    torch.testing.assert_close(torch.tensor(starts[::fm.SOLVERS[solver][1]], dtype=torch.float64), grid[:-1])
+    torch.testing.assert_close(x1, torch.tensor([t1 - t0], dtype=torch.float64))
+    lengths = (grid[1:] - grid[:-1]).abs()
+    assert a == (0.5 if solver == "rk4" else 0.0)
+    assert lengths[0] / lengths[n // 2] == pytest.approx((1 - a) / (1 + a), rel=0.01)  # RK4: a third at the ends
+
+
 def test_integrate_backwards_undoes_forwards():
     v = lambda x, t: torch.sin(x) + t
     x0 = torch.randn(5, dtype=torch.float64)
