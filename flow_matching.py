@@ -478,7 +478,7 @@ def parse_args(argv=None):
     s.add_argument("--trajectory", help="also save x_t from noise to image for 8 samples to this .png, one row each")
     lk = sub.add_parser("likelihood", parents=[common, data, reader], help="bits/dim of test images under a checkpoint")
     lk.add_argument("--n", type=POSITIVE_INT, default=1000, help="number of test images")
-    lk.add_argument("--steps", type=POSITIVE_INT, default=10, help="solver steps from t=1 back to t=0")
+    lk.add_argument("--steps", type=POSITIVE_INT, default=20, help="solver steps from t=1 back to t=0")
     args = p.parse_args(argv)
     if args.command == "train":
         try:
