@@ -225,8 +225,7 @@ def bits_per_dim(pixels, log_likelihood_of):
     """Bits/dim of 8-bit images: pixel + U[0, 1) has a density on [0, 256)^D; x = (pixel + U - 1/2) / 127.5 - 1
     puts it on the model's scale, so bits/dim = -(log p_x(x) - D ln 127.5) / (D ln 2)."""
     x = to_model_scale(pixels.float() + torch.rand(pixels.shape, device=pixels.device) - 0.5)
-    d = x[0].numel()
-    log_px, nfe = log_likelihood_of(x)
+    (log_px, nfe), d = log_likelihood_of(x), x[0].numel()
     return -(log_px - d * math.log(127.5)) / (d * math.log(2)), nfe
 
 
@@ -247,7 +246,7 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         die(f"no checkpoint at {path}" if isinstance(e, FileNotFoundError) else f"{path} is not a readable checkpoint")
-    if not isinstance(ckpt, dict) or not {"model", "ema", "config", "step"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "step", "elapsed", "config", "rng"} <= ckpt.keys():
         die(f"{path} is not a flow_matching.py checkpoint")
     return ckpt
 
@@ -272,8 +271,7 @@ def draw_batch(images, labels, batch_size, classes=0, flip=False, p_drop=0.1):
     makes a resumed run repeat the same batches. Each label becomes the null label with probability p_drop."""
     idx = torch.randint(len(images), (batch_size,))
     x1 = to_model_scale(images[idx])
-    if flip:                                                          # mirror half the images left to right
-        x1 = torch.where(torch.rand(batch_size, 1, 1, 1) < 0.5, x1.flip(-1), x1)
+    x1 = torch.where(torch.rand(batch_size, 1, 1, 1) < 0.5, x1.flip(-1), x1) if flip else x1  # mirror half of them
     y = torch.where(torch.rand(batch_size) < p_drop, classes, labels[idx])
     return torch.randn_like(x1), x1, draw_t(batch_size), y            # x0 ~ N(0, I), x1 ~ p_data, t, y
 
@@ -429,6 +427,7 @@ def checked(kind, ok, what):
     parse.__name__ = what
     return parse
 
+SEED = checked(int, lambda n: abs(n) < 2 ** 63, "64-bit integer")
 POSITIVE_INT = checked(int, lambda n: n > 0, "positive integer")
 POSITIVE = checked(float, lambda x: x > 0 and math.isfinite(x), "positive number")
 WIDTHS = checked(lambda text: [int(w) for w in text.split(",")], lambda ws: all(w > 0 and w % 8 == 0 for w in ws), "list of multiples of 8")
@@ -442,15 +441,15 @@ class Parser(argparse.ArgumentParser):
 def writable(path, ends):
     """Fail now, not after the work, when an output file cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
-    if not path.endswith(ends) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-        die(f"cannot write {path}: it must end in {' or '.join(ends)}, in a writable folder")
+    if not path.endswith(ends) or os.path.isdir(path) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        die(f"cannot write {path}: it must be a file name ending in {' or '.join(ends)}, in a writable folder")
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     common = Parser(add_help=False)
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run (auto: cuda, then mps, then cpu)")
-    common.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run or samples")
+    common.add_argument("--seed", type=SEED, default=0, help="random seed: the same seed gives the same run or samples")
     data, reader = Parser(add_help=False), Parser(add_help=False)
     data.add_argument("--data-dir", default="./data", help="folder the data set is read from or downloaded to")
     reader.add_argument("--ckpt", required=True, help="checkpoint written by train")
@@ -485,6 +484,7 @@ def parse_args(argv=None):
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:
             die(f"cannot create the run folder {args.out}: {e.strerror}")
+        writable(os.path.join(args.out, "ckpt.pt"), (".pt",))
     elif args.command == "sample":
         writable(args.out, (".png", ".pt"))
         if args.trajectory:

@@ -518,8 +518,12 @@ def bad_inputs(run, cond_run, data, tmp):
     corrupt.write_bytes(b"not a checkpoint at all")
     a_file.write_text("")
     ckpt = run / "ckpt.pt"
-    empty = tmp / "empty"
-    empty.mkdir()
+    empty, folder_png, clash = tmp / "empty", tmp / "folder.png", tmp / "clash"
+    for folder in (empty, folder_png, clash / "ckpt.pt"):
+        folder.mkdir(parents=True)
+    partial = tmp / "partial"
+    partial.mkdir()
+    torch.save({k: v for k, v in load(ckpt).items() if k != "optimizer"}, partial / "ckpt.pt")
     return {
         "missing checkpoint": ["sample", "--ckpt", tmp / "nothing.pt"],
         "corrupt checkpoint": ["sample", "--ckpt", corrupt],
@@ -534,11 +538,15 @@ def bad_inputs(run, cond_run, data, tmp):
         "negative n": ["sample", "--ckpt", ckpt, "--n", -3],
         "unknown output type": ["sample", "--ckpt", ckpt, "--out", tmp / "s.jpg"],
         "unwritable output": ["sample", "--ckpt", ckpt, "--out", a_file / "s.png"],
+        "output is a folder": ["sample", "--ckpt", ckpt, "--out", folder_png],
+        "seed beyond 64 bits": ["sample", "--ckpt", ckpt, "--seed", 2 ** 64],
         "widths not multiples of 8": ["train", "--data-dir", data, "--widths", "12,24"],
         "zero batch size": ["train", "--data-dir", data, "--batch-size", 0],
         "negative learning rate": ["train", "--data-dir", data, "--lr", -1e-3],
         "text for a number": ["train", "--data-dir", data, "--steps", "many"],
         "unwritable run folder": ["train", "--data-dir", data, "--out", a_file / "run"],
+        "ckpt.pt is a folder": ["train", "--data-dir", data, "--out", clash],
+        "resume without the optimizer state": ["train", "--data-dir", data, "--out", partial, "--resume", *TINY],
         "data set unavailable": ["train", "--data-dir", empty, "--out", tmp / "r"],
         "unknown data set": ["train", "--data-dir", data, "--dataset", "svhn"],
         "cifar10 unavailable": ["train", "--data-dir", empty, "--dataset", "cifar10", "--out", tmp / "c"],
