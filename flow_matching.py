@@ -64,7 +64,7 @@ class ResBlock(nn.Module):
         self.emb = nn.Linear(emb_dim, c_out)
         self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)                             # each block starts as the identity
+        nn.init.zeros_(self.conv2.weight)                             # the residual branch starts near 0
 
     def forward(self, x, emb):  # GroupNorm in float32: PyTorch's bfloat16 one on channels_last CPU tensors is 10x slower
         h = self.conv1(F.silu(self.norm1(x.float()))) + self.emb(emb)[:, :, None, None]
@@ -373,7 +373,7 @@ def train(args):
             log(f"step {step:6d}  loss {loss:.4f}  {rate:6.1f} img/s  {left / 60:5.1f} min left", flush=True)
         if step % args.save_every == 0 and rank == 0:
             save_run(run, args, noise)
-    if rank == 0:
+    if rank == 0 and step % args.save_every:                          # unless the loop has just saved it
         save_run(run, args, noise)
     log(f"saved {args.out}/ckpt.pt at step {step} ({run['elapsed'] / 60:.1f} min)" + (" on a stop signal" if stopped else ""))
     if world > 1:
