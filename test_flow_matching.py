@@ -518,11 +518,9 @@ def bad_inputs(run, cond_run, data, tmp):
     corrupt.write_bytes(b"not a checkpoint at all")
     a_file.write_text("")
     ckpt = run / "ckpt.pt"
-    empty, folder_png, clash = tmp / "empty", tmp / "folder.png", tmp / "clash"
-    for folder in (empty, folder_png, clash / "ckpt.pt"):
+    empty, folder_png, clash, partial = tmp / "empty", tmp / "folder.png", tmp / "clash", tmp / "partial"
+    for folder in (empty, folder_png, clash / "ckpt.pt", partial):
         folder.mkdir(parents=True)
-    partial = tmp / "partial"
-    partial.mkdir()
     torch.save({k: v for k, v in load(ckpt).items() if k != "optimizer"}, partial / "ckpt.pt")
     return {
         "missing checkpoint": ["sample", "--ckpt", tmp / "nothing.pt"],
