@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -554,8 +555,10 @@ def bad_inputs(run, cond_run, data, tmp):
 
 
 def test_bad_input_gives_one_line_and_exit_code_2(run, cond_run, data, tmp_path):
-    for what, args in bad_inputs(run, cond_run, data, tmp_path).items():
-        result = cli(*args, check=False)
+    cases = bad_inputs(run, cond_run, data, tmp_path)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:                  # each case is mostly importing torch
+        results = dict(zip(cases, pool.map(lambda args: cli(*args, check=False), cases.values())))
+    for what, result in results.items():
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (what, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: "), (what, result.stderr)
