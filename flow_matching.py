@@ -476,7 +476,7 @@ def parse_args(argv=None):
     s.add_argument("--guidance", type=NON_NEGATIVE, default=1.0, help="classifier-free guidance weight w: 0 unconditional, 1 conditional, >1 sharper")
     s.add_argument("--trajectory", help="also save x_t from noise to image for 8 samples to this .png, one row each")
     lk = sub.add_parser("likelihood", parents=[common, data, reader], help="bits/dim of test images under a checkpoint")
-    lk.add_argument("--n", type=POSITIVE_INT, default=1000, help="number of test images")
+    lk.add_argument("--n", type=checked(int, lambda n: n > 1, "integer above 1"), default=1000, help="number of test images, 2 or more (the ± is the standard error of their mean)")
     lk.add_argument("--steps", type=POSITIVE_INT, default=20, help="solver steps from t=1 back to t=0")
     args = p.parse_args(argv)
     if args.command == "train":

@@ -533,6 +533,7 @@ def bad_inputs(run, cond_run, data, tmp):
         "negative guidance": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 1, "--guidance", -1],
         "trajectory not a png": ["sample", "--ckpt", ckpt, "--trajectory", tmp / "flow.jpg"],
         "likelihood of a missing checkpoint": ["likelihood", "--ckpt", tmp / "nothing.pt"],
+        "likelihood of one image, which has no standard error": ["likelihood", "--ckpt", ckpt, "--n", 1],
         "zero steps": ["sample", "--ckpt", ckpt, "--steps", 0],
         "negative n": ["sample", "--ckpt", ckpt, "--n", -3],
         "unknown output type": ["sample", "--ckpt", ckpt, "--out", tmp / "s.jpg"],
