@@ -143,6 +143,8 @@ def test_integrating_the_marginal_velocity_lands_on_the_data():
     dist = torch.cdist(x1, POINTS.double())
     assert nfe == 400
     assert dist.min(1).values.max() < 6 * sigma_min                   # every sample ends on a data point
+    spread = (x1 - POINTS.double()[dist.argmin(1)]).std().item()      # ... blurred by N(0, σ_min² I)
+    assert spread == pytest.approx(sigma_min, rel=0.05)
     share = torch.bincount(dist.argmin(1), minlength=3) / len(x1)
     torch.testing.assert_close(share, torch.full((3,), 1 / 3, dtype=share.dtype), atol=0.03, rtol=0)
 
@@ -428,7 +430,7 @@ def test_a_class_conditional_model_samples_one_class_or_a_row_per_class(cond_run
         "--trajectory", tmp_path / "flow.png")
     from torchvision.io import read_image
     assert read_image(str(tmp_path / "rows.png")).shape[1:] == (2 + 10 * 30, 2 + 2 * 30)   # 10 rows of 2
-    assert read_image(str(tmp_path / "flow.png")).shape[1:] == (2 + 8 * 30, 2 + 4 * 30)    # t = 0, 1/3, 2/3, 1
+    assert read_image(str(tmp_path / "flow.png")).shape[1:] == (2 + 8 * 30, 2 + 4 * 30)    # t = 0, 0.26, 0.74, 1
 
 
 def test_likelihood_prints_bits_per_dim_and_the_nfe(run, data):
