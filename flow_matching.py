@@ -176,9 +176,9 @@ def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0, trajectory=None):
     return x, steps * evals
 
 def velocity_field(model, y=None, guidance=1.0):
-    """The network as the samplers' v(x, t); given labels y, classifier-free guidance from one pass over a doubled batch."""
-    if y is None:
-        return lambda x, t: model(x, torch.full((len(x),), t, device=x.device))
+    """The network as the samplers' v(x, t); given labels y and w != 1, classifier-free guidance from one pass over a doubled batch."""
+    if y is None or guidance == 1:
+        return lambda x, t: model(x, torch.full((len(x),), t, device=x.device), y)
     def guided(x, t):
         labels = torch.cat([y, torch.full_like(y, model.classes)])    # each sample with its label, then with none
         v_y, v_null = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=x.device), labels).chunk(2)
@@ -303,7 +303,7 @@ def train_step(net, ema, opt, batch, lr, step, args):
     for group in opt.param_groups:
         group["lr"] = lr
     x0, x1, t, y = batch
-    with torch.autocast(x0.device.type, torch.bfloat16, enabled=args.bf16):
+    with torch.autocast(x0.device.type if args.bf16 else "cpu", torch.bfloat16, enabled=args.bf16):  # older torch has no MPS autocast
         loss = cfm_loss(net, x0, x1, t, args.sigma_min, y if args.class_cond else None)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -342,8 +342,8 @@ def train(args):
     rank, world, device = setup_processes(args)
     torch.manual_seed(args.seed)                                      # the same on every process
     images, labels = load_images(args.dataset, args.data_dir)
-    native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and \
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    cpu_bf16 = torch.backends.mkldnn.is_available() and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_bf16
     args.bf16 = native_bf16 and not args.fp32                         # emulated bfloat16 is slower than float32
     run = start_run(args, images, labels, device)
     model, step = run["model"], run["step"]
@@ -359,14 +359,14 @@ def train(args):
     steps, budget = args.steps or math.inf, 60 * (args.minutes or (math.inf if args.steps else 10))
     start, first, stopped = time.perf_counter() - run["elapsed"], (run["elapsed"], step), False
     while step < steps and run["elapsed"] < budget and not stopped:
-        progress = step / steps if args.steps else run["elapsed"] / budget
+        progress = max(step / steps, run["elapsed"] / budget)            # whichever budget runs out first
         batch = draw_batch(images, labels, args.batch_size, run["config"]["classes"], args.dataset == "cifar10")
         batch = [a[rank::world].to(device) for a in batch]           # this process's share of the batch
         loss = train_step(net, run["ema"], run["opt"], batch, learning_rate(args.lr, step, progress), step, args)
         step = run["step"] = step + 1
         run["elapsed"], stopped, worst = agreed([time.perf_counter() - start, float(bool(stop)), loss])
         if not math.isfinite(worst):                                  # NaN weights reach every process
-            die(f"the loss is {worst} at step {step}; the last checkpoint is kept (try a lower --lr)")
+            die(f"the loss is {worst} at step {step}; ckpt.pt, if any, is from the last save (try a lower --lr)")
         if step % 100 == 0:
             rate = (step - first[1]) * args.batch_size / (run["elapsed"] - first[0])
             left = min(budget - run["elapsed"], (steps - step) * args.batch_size / rate)
@@ -381,7 +381,6 @@ def train(args):
 
 
 # --- 9. Command line ------------------------------------------------------------------------------
-
 def load_model(args):
     """The checkpoint --ckpt, its EMA weights as a model on --device for sampling and scoring, and the device."""
     device, ckpt = pick_device(args.device), load_checkpoint(args.ckpt)
@@ -391,8 +390,8 @@ def sample(args):
     ckpt, model, device = load_model(args)
     c, s, classes = ckpt["config"]["channels"], ckpt["config"]["size"], model.classes
     noise = torch.randn(args.n, c, s, s, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    if args.label is not None and not 0 <= args.label < classes:
-        die(f"--label must be in 0..{classes - 1}, got {args.label}" if classes else "--label needs a --class-cond model")
+    if args.label is not None and not 0 <= args.label < classes or args.guidance != 1 and not classes:
+        die(f"--label must be in 0..{classes - 1}, got {args.label}" if classes else "--label and --guidance need a --class-cond model")
     nrow = math.ceil(args.n / classes) if classes and args.label is None else math.ceil(math.sqrt(args.n))
     y = None if not classes else (torch.full((args.n,), args.label) if args.label is not None  # no --label: a row per class
                                   else torch.arange(args.n) // nrow).to(device)
@@ -485,10 +484,11 @@ def parse_args(argv=None):
         except OSError as e:
             die(f"cannot create the run folder {args.out}: {e.strerror}")
         writable(os.path.join(args.out, "ckpt.pt"), (".pt",))
+        if not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+            die(f"{args.out} holds a run already: add --resume to continue it, or give another --out")
     elif args.command == "sample":
         writable(args.out, (".png", ".pt"))
-        if args.trajectory:
-            writable(args.trajectory, (".png",))
+        if args.trajectory: writable(args.trajectory, (".png",))
     return args
 
 def main(argv=None):

@@ -439,6 +439,25 @@ def test_likelihood_prints_bits_per_dim_and_the_nfe(run, data):
     assert 0 < bpd < 100 and "8 NFE" in result.stdout and "8 mnist test images" in result.stdout
 
 
+def test_bfloat16_autocast_only_on_cpus_with_avx512_bf16(data, tmp_path, monkeypatch, capsys):
+    """oneDNN's own bfloat16 check also passes AVX-512 CPUs that only emulate bfloat16, slower than float32."""
+    monkeypatch.setattr(fm.signal, "signal", lambda *args: None)     # leave pytest's Ctrl-C alone
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        fm.main(["train", "--data-dir", data, "--out", str(tmp_path / str(native)), "--steps", "1", *TINY])
+        assert ("with bfloat16 autocast" in capsys.readouterr().out) == native
+
+
+def test_the_learning_rate_decays_over_the_minutes_when_they_run_out_before_the_steps(data, tmp_path, monkeypatch):
+    """With --minutes 0.1 and --steps 10⁶ the clock stops the run, so the last step's rate is near 0:
+    below half of what the schedule over 10⁶ steps would give it at that step."""
+    monkeypatch.setattr(fm.signal, "signal", lambda *args: None)
+    fm.main(["train", "--data-dir", data, "--out", str(tmp_path), "--minutes", "0.1", "--steps", "1000000", *TINY])
+    last = load(tmp_path / "ckpt.pt")["step"] - 1
+    by_steps = fm.learning_rate(2e-3, last, last / 1000000)
+    assert load(tmp_path / "ckpt.pt")["optimizer"]["param_groups"][0]["lr"] < 0.5 * by_steps
+
+
 def test_fashion_mnist_trains_and_its_checkpoint_names_it(data, tmp_path):
     cli("train", "--dataset", "fashion-mnist", "--data-dir", data, "--out", tmp_path, "--steps", 2, *TINY)
     assert load(tmp_path / "ckpt.pt")["config"]["dataset"] == "fashion-mnist"
@@ -525,12 +544,15 @@ def bad_inputs(run, cond_run, data, tmp):
     for folder in (empty, folder_png, clash / "ckpt.pt", partial):
         folder.mkdir(parents=True)
     torch.save({k: v for k, v in load(ckpt).items() if k != "optimizer"}, partial / "ckpt.pt")
+    (tmp / "taken").mkdir()
+    torch.save(load(ckpt), tmp / "taken" / "ckpt.pt")
     return {
         "missing checkpoint": ["sample", "--ckpt", tmp / "nothing.pt"],
         "corrupt checkpoint": ["sample", "--ckpt", corrupt],
         "not a checkpoint": ["sample", "--ckpt", not_ckpt],
         "unknown solver": ["sample", "--ckpt", ckpt, "--solver", "heun"],
         "label for an unconditional model": ["sample", "--ckpt", ckpt, "--label", 3],
+        "guidance for an unconditional model": ["sample", "--ckpt", ckpt, "--guidance", 2],
         "label out of range": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 10],
         "negative guidance": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 1, "--guidance", -1],
         "trajectory not a png": ["sample", "--ckpt", ckpt, "--trajectory", tmp / "flow.jpg"],
@@ -553,6 +575,7 @@ def bad_inputs(run, cond_run, data, tmp):
         "unknown data set": ["train", "--data-dir", data, "--dataset", "svhn"],
         "cifar10 unavailable": ["train", "--data-dir", empty, "--dataset", "cifar10", "--out", tmp / "c"],
         "resume with another data set": ["train", "--data-dir", data, "--out", run, "--resume", "--dataset", "fashion-mnist"],
+        "a new run over an existing one": ["train", "--data-dir", data, "--out", tmp / "taken", "--steps", 1, *TINY],
         "resume without a checkpoint": ["train", "--data-dir", data, "--out", tmp / "new", "--resume"],
     }
 
