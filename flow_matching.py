@@ -359,7 +359,7 @@ def train(args):
     steps, budget = args.steps or math.inf, 60 * (args.minutes or (math.inf if args.steps else 10))
     start, first, stopped = time.perf_counter() - run["elapsed"], (run["elapsed"], step), False
     while step < steps and run["elapsed"] < budget and not stopped:
-        progress = max(step / steps, run["elapsed"] / budget)            # whichever budget runs out first
+        progress = max(step / steps, run["elapsed"] / budget)         # whichever budget runs out first
         batch = draw_batch(images, labels, args.batch_size, run["config"]["classes"], args.dataset == "cifar10")
         batch = [a[rank::world].to(device) for a in batch]           # this process's share of the batch
         loss = train_step(net, run["ema"], run["opt"], batch, learning_rate(args.lr, step, progress), step, args)
