@@ -439,23 +439,27 @@ def test_likelihood_prints_bits_per_dim_and_the_nfe(run, data):
     assert 0 < bpd < 100 and "8 NFE" in result.stdout and "8 mnist test images" in result.stdout
 
 
-def test_bfloat16_autocast_only_on_cpus_with_avx512_bf16(data, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def in_process(monkeypatch):
+    """For fm.main in pytest's process: train's Ctrl-C handlers would replace pytest's."""
+    monkeypatch.setattr(fm.signal, "signal", lambda *args: None)
+
+
+def test_bfloat16_autocast_only_on_cpus_with_avx512_bf16(data, tmp_path, monkeypatch, capsys, in_process):
     """oneDNN's own bfloat16 check also passes AVX-512 CPUs that only emulate bfloat16, slower than float32."""
-    monkeypatch.setattr(fm.signal, "signal", lambda *args: None)     # leave pytest's Ctrl-C alone
     for native in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
         fm.main(["train", "--data-dir", data, "--out", str(tmp_path / str(native)), "--steps", "1", *TINY])
         assert ("with bfloat16 autocast" in capsys.readouterr().out) == native
 
 
-def test_the_learning_rate_decays_over_the_minutes_when_they_run_out_before_the_steps(data, tmp_path, monkeypatch):
+def test_the_learning_rate_decays_over_the_minutes_when_they_run_out_before_the_steps(data, tmp_path, in_process):
     """With --minutes 0.1 and --steps 10⁶ the clock stops the run, so the last step's rate is near 0:
     below half of what the schedule over 10⁶ steps would give it at that step."""
-    monkeypatch.setattr(fm.signal, "signal", lambda *args: None)
     fm.main(["train", "--data-dir", data, "--out", str(tmp_path), "--minutes", "0.1", "--steps", "1000000", *TINY])
-    last = load(tmp_path / "ckpt.pt")["step"] - 1
-    by_steps = fm.learning_rate(2e-3, last, last / 1000000)
-    assert load(tmp_path / "ckpt.pt")["optimizer"]["param_groups"][0]["lr"] < 0.5 * by_steps
+    ckpt = load(tmp_path / "ckpt.pt")
+    last = ckpt["step"] - 1
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] < 0.5 * fm.learning_rate(2e-3, last, last / 1000000)
 
 
 def test_fashion_mnist_trains_and_its_checkpoint_names_it(data, tmp_path):
@@ -463,11 +467,10 @@ def test_fashion_mnist_trains_and_its_checkpoint_names_it(data, tmp_path):
     assert load(tmp_path / "ckpt.pt")["config"]["dataset"] == "fashion-mnist"
 
 
-def test_cifar10_trains_in_colour_and_samples_at_its_size(tmp_path, monkeypatch):
+def test_cifar10_trains_in_colour_and_samples_at_its_size(tmp_path, monkeypatch, in_process):
     """In-process, so that the fake files can skip torchvision's checksums of the real ones."""
     import torchvision.datasets.cifar
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
-    monkeypatch.setattr(fm.signal, "signal", lambda *args: None)     # leave pytest's Ctrl-C alone
     root = fake_cifar10(str(tmp_path))
     fm.main(["train", "--dataset", "cifar10", "--data-dir", root, "--out", str(tmp_path / "run"), "--steps", "2", *TINY])
     assert load(tmp_path / "run" / "ckpt.pt")["config"] | dict(dataset="cifar10", channels=3, size=32) == \
