@@ -19,6 +19,7 @@ References:
     Lipman, Chen, Ben-Hamu, Nickel, Le. Flow Matching for Generative Modeling. arXiv:2210.02747, 2022.
     Grathwohl et al. FFJORD (Hutchinson's divergence estimator in flows). arXiv:1810.01367, 2018.
     Ho, Salimans. Classifier-Free Diffusion Guidance. arXiv:2207.12598, 2022.
+    Karras et al. Guiding a Diffusion Model with a Bad Version of Itself (autoguidance). arXiv:2406.02507, 2024.
     Esser et al. Scaling Rectified Flow Transformers (logit-normal t). arXiv:2403.03206, 2024.
 """
 import argparse
@@ -36,13 +37,11 @@ import torch.nn.functional as F
 from torchvision import datasets
 from torchvision.utils import save_image
 
-
 def die(message):
     """A user's mistake: one line on stderr (from the first process only, under torchrun) and exit code 2."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
 
 # --- 1. Time embedding ----------------------------------------------------------------------------
 # Sines and cosines of t at frequencies from 1 to 1000 radians per unit time: some features change
@@ -51,7 +50,6 @@ def time_embedding(t, dim):
     freqs = torch.logspace(0, 3, dim // 2, device=t.device)        # ω_k = 1000^(k / (dim/2 - 1))
     angles = t[:, None].float() * freqs                               # (B, dim/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)             # (B, dim)
-
 
 # --- 2. Velocity network --------------------------------------------------------------------------
 # v(x, t) has the shape of x. A small U-Net: residual blocks at resolutions 28, 14, 7, 4 for MNIST
@@ -91,14 +89,12 @@ class VelocityNet(nn.Module):
             emb = emb + self.label_emb(torch.full_like(t, self.classes, dtype=torch.long) if y is None else y)
         h, skips = self.stem(x), []
         for block, pool in zip(self.down, self.pool):
-            h = block(h, emb)
-            skips.append(h)
-            h = pool(h)                                               # halve the resolution (not the last)
+            skips.append(block(h, emb))
+            h = pool(skips[-1])                                       # halve the resolution (not the last)
         h = self.mid(h, emb)
         for up, skip in zip(reversed(self.up), reversed(skips)):      # back to each skip's resolution
             h = up(torch.cat([F.interpolate(h, size=skip.shape[-2:]), skip], dim=1), emb)
         return self.head(h.float())
-
 
 # --- 3. The OT probability path -------------------------------------------------------------------
 # Conditioned on a data point x1, x_t moves on a straight line from the noise x0 to (almost) x1:
@@ -114,7 +110,6 @@ def draw_t(n):
     where the target is most ambiguous; any density that is positive on (0, 1) trains the same field."""
     return torch.sigmoid(torch.randn(n))                              # t = σ(s), s ~ N(0, 1)
 
-
 # --- 4. The conditional flow matching loss --------------------------------------------------------
 # Regressing on the marginal velocity (L_FM) is intractable; L_CFM regresses on u instead, and
 # L_FM = L_CFM + C with C independent of v (Theorem 1 of seed 000), so both have the same minimiser:
@@ -122,7 +117,6 @@ def draw_t(n):
 def cfm_loss(model, x0, x1, t, sigma_min, y=None):
     xt, u = ot_path(x0, x1, t, sigma_min)
     return F.mse_loss(model(xt, t, y).float(), u)                     # L_CFM = E || v(x_t, t) - u ||² / D
-
 
 # --- 5. Data --------------------------------------------------------------------------------------
 # The training set sits in memory as one uint8 tensor; batches are gathered from it directly, which
@@ -147,7 +141,6 @@ def to_model_scale(pixels):
 
 def to_unit_scale(x):
     return ((x + 1) / 2).clamp(0, 1)                                  # [-1, 1] → [0, 1] for images
-
 
 # --- 6. Samplers ----------------------------------------------------------------------------------
 # Generation integrates dx/dt = v(x, t) from t=0 (noise) to t=1 for any v(x, t) (the tests hand in fields
@@ -175,21 +168,27 @@ def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0, trajectory=None):
             trajectory.append(x)
     return x, steps * evals
 
-def velocity_field(model, y=None, guidance=1.0):
-    """The network as the samplers' v(x, t); given labels y and w != 1, classifier-free guidance from one pass over a doubled batch."""
-    if y is None or guidance == 1:
-        return lambda x, t: model(x, torch.full((len(x),), t, device=x.device), y)
-    def guided(x, t):
-        labels = torch.cat([y, torch.full_like(y, model.classes)])    # each sample with its label, then with none
-        v_y, v_null = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=x.device), labels).chunk(2)
-        return v_null + guidance * (v_y - v_null)                     # v = v_null + w (v_y - v_null): w=0 null, 1 y
-    return guided
+# Guidance pushes v away from a weaker prediction of it, to v_weak + w (v - v_weak) with w > 1. For classifier-free
+# guidance v_weak is the network without the label; for autoguidance, the same network early in training: same errors, larger.
+def guided(v, v_weak, w):
+    """v_weak + w (v - v_weak) as a field: w = 0 is v_weak, w = 1 is v (one network pass), w > 1 goes past v."""
+    def field(x, t):
+        weak = v_weak(x, t)
+        return weak + w * (v(x, t) - weak)
+    return v if w == 1 else field
+
+def velocity_field(model, y=None, guidance=1.0, guide=None, autoguidance=1.0):
+    """The network as the samplers' v(x, t), guided by labels y (weight `guidance`) and by an earlier network `guide`."""
+    def net(m, labels):
+        return lambda x, t: m(x, torch.full((len(x),), t, device=x.device), labels)
+    def conditional(m):                                               # v_null + w (v_y - v_null)
+        return net(m, y) if y is None else guided(net(m, y), net(m, torch.full_like(y, m.classes)), guidance)
+    return conditional(model) if guide is None else guided(conditional(model), conditional(guide), autoguidance)
 
 @torch.no_grad()
-def generate(model, noise, steps, solver, y=None, guidance=1.0, trajectory=None):
-    x, nfe = integrate(velocity_field(model, y, guidance), noise, steps, solver, trajectory=trajectory)
+def generate(model, noise, steps, solver, y=None, guidance=1.0, guide=None, autoguidance=1.0, trajectory=None):
+    x, nfe = integrate(velocity_field(model, y, guidance, guide, autoguidance), noise, steps, solver, trajectory=trajectory)
     return to_unit_scale(x), nfe
-
 
 # --- 7. Likelihood --------------------------------------------------------------------------------
 # The flow also gives exact densities. Along a trajectory the continuity equation (seed 000) reads
@@ -227,7 +226,6 @@ def bits_per_dim(pixels, log_likelihood_of):
     x = to_model_scale(pixels.float() + torch.rand(pixels.shape, device=pixels.device) - 0.5)
     (log_px, nfe), d = log_likelihood_of(x), x[0].numel()
     return -(log_px - d * math.log(127.5)) / (d * math.log(2)), nfe
-
 
 # --- 8. Training ----------------------------------------------------------------------------------
 # AdamW on L_CFM with gradient clipping; the learning rate warms up, then decays linearly to zero over
@@ -319,20 +317,20 @@ def start_run(args, images, labels, device):
     model = build_model(config, device=device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    run = dict(config=config, model=model, ema=ema, opt=opt, step=0, elapsed=0.0)
+    run = dict(config=config, model=model, ema=ema, opt=opt, step=0, elapsed=0.0, guide=None)
     if args.resume:
         ckpt = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
         if ckpt["config"] != config:
             changed = ", ".join(f"{k} {v} (now {config.get(k)})" for k, v in ckpt["config"].items() if config.get(k) != v)
             die(f"--resume: the run in {args.out} was trained with other settings: {changed}")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
-        run.update(step=ckpt["step"], elapsed=ckpt["elapsed"])
+        run.update(step=ckpt["step"], elapsed=ckpt["elapsed"], guide=ckpt.get("guide"))
         torch.set_rng_state(ckpt["rng"])
     return run
 
 def save_run(run, args, noise):
     state = dict(model=run["model"].state_dict(), ema=run["ema"].state_dict(), optimizer=run["opt"].state_dict(),
-                 step=run["step"], elapsed=run["elapsed"], config=run["config"], rng=torch.get_rng_state())
+                 step=run["step"], elapsed=run["elapsed"], config=run["config"], rng=torch.get_rng_state(), guide=run["guide"])
     path = os.path.join(args.out, "ckpt.pt")
     torch.save(state, path + ".tmp")                                  # a crash mid-write leaves the old file
     os.replace(path + ".tmp", path)
@@ -348,7 +346,6 @@ def train(args):
     run = start_run(args, images, labels, device)
     model, step = run["model"], run["step"]
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net = torch.compile(net) if args.compile else net
     log = print if rank == 0 else lambda *a, **k: None
     log(f"{args.dataset}: {len(images)} images of {tuple(images.shape[1:])} on {world} x {device}"
         f"{' with bfloat16 autocast' if args.bf16 else ''}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; from step {step}")
@@ -364,6 +361,8 @@ def train(args):
         batch = [a[rank::world].to(device) for a in batch]           # this process's share of the batch
         loss = train_step(net, run["ema"], run["opt"], batch, learning_rate(args.lr, step, progress), step, args)
         step = run["step"] = step + 1
+        if run["guide"] is None and progress >= 0.25:                 # autoguidance's guide: the EMA a quarter of the way in
+            run["guide"] = copy.deepcopy(run["ema"].state_dict())
         run["elapsed"], stopped, worst = agreed([time.perf_counter() - start, float(bool(stop)), loss])
         if not math.isfinite(worst):                                  # NaN weights reach every process
             die(f"the loss is {worst} at step {step}; ckpt.pt, if any, is from the last save (try a lower --lr)")
@@ -379,35 +378,38 @@ def train(args):
     if world > 1:
         dist.destroy_process_group()
 
-
 # --- 9. Command line ------------------------------------------------------------------------------
 def load_model(args):
-    """The checkpoint --ckpt, its EMA weights as a model on --device for sampling and scoring, and the device."""
+    """The checkpoint --ckpt; its EMA weights and its guide (None before a quarter of the run) as models on --device; the device."""
     device, ckpt = pick_device(args.device), load_checkpoint(args.ckpt)
-    return ckpt, build_model(ckpt["config"], ckpt["ema"], device).eval().requires_grad_(False), device
+    model, guide = (build_model(ckpt["config"], w, device).eval().requires_grad_(False) if w else None for w in (ckpt["ema"], ckpt.get("guide")))
+    return ckpt, model, guide, device
 
 def sample(args):
-    ckpt, model, device = load_model(args)
+    ckpt, model, guide, device = load_model(args)
     c, s, classes = ckpt["config"]["channels"], ckpt["config"]["size"], model.classes
     noise = torch.randn(args.n, c, s, s, generator=torch.Generator().manual_seed(args.seed)).to(device)
     if args.label is not None and not 0 <= args.label < classes or args.guidance != 1 and not classes:
         die(f"--label must be in 0..{classes - 1}, got {args.label}" if classes else "--label and --guidance need a --class-cond model")
+    if guide is None and args.autoguidance not in (None, 1):
+        die(f"{args.ckpt} holds no guide for --autoguidance: its run ended before a quarter of its budget, or predates autoguidance")
+    w = 1.0 if guide is None else 2.0 if args.autoguidance is None else args.autoguidance
+    draw = lambda noise, y, frames=None: generate(model, noise, args.steps, args.solver, y, args.guidance, guide, w, frames)
     nrow = math.ceil(args.n / classes) if classes and args.label is None else math.ceil(math.sqrt(args.n))
     y = None if not classes else (torch.full((args.n,), args.label) if args.label is not None  # no --label: a row per class
                                   else torch.arange(args.n) // nrow).to(device)
     start = time.perf_counter()                                       # 128 at a time stay in the CPU's caches
-    x, nfe = zip(*(generate(model, noise[i:i + 128], args.steps, args.solver, y if y is None else y[i:i + 128], args.guidance)
-                   for i in range(0, args.n, 128)))
+    x, nfe = zip(*(draw(noise[i:i + 128], y if y is None else y[i:i + 128]) for i in range(0, args.n, 128)))
     x, nfe = torch.cat(x).cpu(), nfe[0]
     torch.save(x.contiguous(), args.out) if args.out.endswith(".pt") else save_image(x, args.out, nrow=nrow)
-    print(f"wrote {args.n} samples to {args.out}: {args.solver}, {nfe} NFE, {time.perf_counter() - start:.1f} s")
+    print(f"wrote {args.n} samples to {args.out}: {args.solver}, {nfe} NFE, {f'autoguidance {w:g}, ' if w != 1 else ''}{time.perf_counter() - start:.1f} s")
     if args.trajectory:                                               # x_t after each step, from the noise on, for 8 samples
         frames = [noise[:8]]
-        generate(model, noise[:8], args.steps, args.solver, y if y is None else y[:8], args.guidance, frames)
+        draw(noise[:8], y if y is None else y[:8], frames)
         save_image(to_unit_scale(torch.stack(frames, 1).flatten(0, 1)), args.trajectory, nrow=len(frames))
 
 def likelihood(args):
-    ckpt, model, device = load_model(args)
+    ckpt, model, _, device = load_model(args)
     images, _ = load_images(ckpt["config"]["dataset"], args.data_dir, train=False)
     torch.manual_seed(args.seed)                                      # which images, U and ε
     pixels = images[torch.randperm(len(images))[:args.n]].to(device)
@@ -431,7 +433,6 @@ POSITIVE_INT = checked(int, lambda n: n > 0, "positive integer")
 POSITIVE = checked(float, lambda x: x > 0 and math.isfinite(x), "positive number")
 WIDTHS = checked(lambda text: [int(w) for w in text.split(",")], lambda ws: all(w > 0 and w % 8 == 0 for w in ws), "list of multiples of 8")
 NON_NEGATIVE = checked(float, lambda x: x >= 0 and math.isfinite(x), "non-negative number")
-IN_0_1 = checked(float, lambda x: 0 <= x < 1, "number in [0, 1)")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                         # one line and exit 2, like every bad input
@@ -461,11 +462,10 @@ def parse_args(argv=None):
     t.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per optimizer step, over all processes under torchrun")
     t.add_argument("--lr", type=POSITIVE, default=2e-3, help="peak learning rate of AdamW")
     t.add_argument("--widths", type=WIDTHS, default=[32, 64, 128, 128], help="channels of the U-Net at each resolution, from the top, comma-separated multiples of 8")
-    t.add_argument("--sigma-min", type=IN_0_1, default=0.0, help="noise left at t=1 on the OT path")
+    t.add_argument("--sigma-min", type=checked(float, lambda x: 0 <= x < 1, "number in [0, 1)"), default=0.0, help="noise left at t=1 on the OT path")
     t.add_argument("--fp32", action="store_true", help="no bfloat16 autocast, which is on where it is fast (CUDA, AVX-512 BF16 CPUs)")
     t.add_argument("--save-every", type=POSITIVE_INT, default=1000, help="save ckpt.pt and a sample grid every this many steps")
     t.add_argument("--class-cond", action="store_true", help="learn v(x, t, label) for classifier-free guidance (labels dropped 10%% of the time)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the network (pays off on GPUs, for long runs)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
     s = sub.add_parser("sample", parents=[common, reader], help="draw samples from a checkpoint")
     s.add_argument("--steps", type=POSITIVE_INT, default=5, help="solver steps from t=0 to t=1 (NFE: Euler 1, RK4 4 per step)")
@@ -473,6 +473,7 @@ def parse_args(argv=None):
     s.add_argument("--out", default="samples.png", help=".png for a grid, .pt for a tensor (N, C, H, W) in [0, 1]")
     s.add_argument("--label", type=int, help="class to sample from a --class-cond model (default: one row per class)")
     s.add_argument("--guidance", type=NON_NEGATIVE, default=1.0, help="classifier-free guidance weight w: 0 unconditional, 1 conditional, >1 sharper")
+    s.add_argument("--autoguidance", type=NON_NEGATIVE, help="autoguidance weight w, with the run's guide (its EMA a quarter of the way through): 1 off, default 2")
     s.add_argument("--trajectory", help="also save x_t from noise to image for 8 samples to this .png, one row each")
     lk = sub.add_parser("likelihood", parents=[common, data, reader], help="bits/dim of test images under a checkpoint")
     lk.add_argument("--n", type=checked(int, lambda n: n > 1, "integer above 1"), default=1000, help="number of test images, 2 or more (the ± is the standard error of their mean)")
@@ -494,7 +495,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     {"train": train, "sample": sample, "likelihood": likelihood}[args.command](args)
-
 
 if __name__ == "__main__":
     main()

@@ -220,6 +220,23 @@ def test_guidance_mixes_label_and_null_velocities(w, expected):
     assert torch.equal(v(torch.zeros(2, 5), 0.3), torch.full((2, 5), expected))
 
 
+class Shifted(LabelEcho):
+    """LabelEcho plus 10, standing in for the early network (the guide) of autoguidance."""
+    def forward(self, x, t, y):
+        return super().forward(x, t, y) + 10
+
+
+@pytest.mark.parametrize("w, expected", [(0.0, 11.0), (1.0, 1.0), (2.0, -9.0)])
+def test_autoguidance_mixes_the_network_and_its_guide(w, expected):
+    """v = v_guide + w (v - v_guide), here v = 1 and v_guide = 11; with classifier-free guidance at 2 as
+    well, each network is first guided by its own null label: v = 1 + 2 (1 - 3) = -1, v_guide = 9."""
+    y, x = torch.tensor([1, 1]), torch.zeros(2, 5)
+    v = fm.velocity_field(LabelEcho(), y, 1.0, Shifted(), w)
+    assert torch.equal(v(x, 0.3), torch.full((2, 5), expected))
+    both = fm.velocity_field(LabelEcho(), y, 2.0, Shifted(), w)
+    assert torch.equal(both(x, 0.3), torch.full((2, 5), 9 + w * (-1 - 9)))
+
+
 # --- 7. Likelihood --------------------------------------------------------------------------------
 
 def gaussian_marginal_field(mu, s):
@@ -393,7 +410,7 @@ def run(data, tmp_path_factory):
 def test_train_writes_a_checkpoint_and_sample_grids(run):
     ckpt = load(run / "ckpt.pt")
     assert ckpt["step"] == 12
-    assert {"model", "ema", "optimizer", "config", "rng"} <= ckpt.keys()
+    assert {"model", "ema", "optimizer", "config", "rng", "guide"} <= ckpt.keys()
     assert ckpt["config"]["channels"] == 1 and ckpt["config"]["size"] == 28
     assert (run / "samples_000006.png").exists() and (run / "samples_000012.png").exists()
     assert not (run / "ckpt.pt.tmp").exists()
@@ -412,6 +429,9 @@ def test_sample_writes_a_grid_and_a_tensor_and_repeats_with_a_seed(run, tmp_path
     assert a.shape == (6, 1, 28, 28) and a.dtype == torch.float32
     assert 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
+    result = cli("sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6, "--out", tmp_path / "off.pt", "--autoguidance", 1)
+    assert "autoguidance 2" in cli("sample", "--ckpt", run / "ckpt.pt", "--n", 1, "--out", tmp_path / "d.pt").stdout
+    assert "autoguidance" not in result.stdout and not torch.equal(a, load(tmp_path / "off.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -460,6 +480,19 @@ def test_the_learning_rate_decays_over_the_minutes_when_they_run_out_before_the_
     ckpt = load(tmp_path / "ckpt.pt")
     last = ckpt["step"] - 1
     assert ckpt["optimizer"]["param_groups"][0]["lr"] < 0.5 * fm.learning_rate(2e-3, last, last / 1000000)
+
+
+def test_the_guide_is_the_ema_after_the_step_that_starts_a_quarter_of_the_way_in(data, tmp_path, monkeypatch, in_process):
+    """Of 8 steps, the third starts at progress 2/8 = 1/4: the guide is the EMA after 3 steps, not 2 or 4."""
+    emas, update = [], fm.ema_update
+    def recorded(ema, model, step):
+        update(ema, model, step)
+        emas.append({k: v.clone() for k, v in ema.state_dict().items()})
+    monkeypatch.setattr(fm, "ema_update", recorded)
+    fm.main(["train", "--data-dir", data, "--out", str(tmp_path), "--steps", "8", *TINY])
+    guide = load(tmp_path / "ckpt.pt")["guide"]
+    same = [all(torch.equal(guide[k], ema[k]) for k in guide) for ema in emas]
+    assert same == [i == 2 for i in range(8)]
 
 
 def test_fashion_mnist_trains_and_its_checkpoint_names_it(data, tmp_path):
@@ -522,7 +555,7 @@ def test_resume_after_ctrl_c_gives_the_same_weights_as_an_uninterrupted_run(data
     cli("train", "--out", tmp_path / "cut", "--resume", *flags)
     whole, cut = load(tmp_path / "whole" / "ckpt.pt"), load(tmp_path / "cut" / "ckpt.pt")
     assert cut["step"] == whole["step"] == 300
-    for key in ["model", "ema"]:
+    for key in ["model", "ema", "guide"]:                             # the guide was taken before the cut
         for name, tensor in whole[key].items():
             assert torch.equal(tensor, cut[key][name]), f"{key}.{name}"
     assert torch.equal(whole["rng"], cut["rng"])
@@ -547,6 +580,7 @@ def bad_inputs(run, cond_run, data, tmp):
     for folder in (empty, folder_png, clash / "ckpt.pt", partial):
         folder.mkdir(parents=True)
     torch.save({k: v for k, v in load(ckpt).items() if k != "optimizer"}, partial / "ckpt.pt")
+    torch.save({k: v for k, v in load(ckpt).items() if k != "guide"}, tmp / "unguided.pt")
     (tmp / "taken").mkdir()
     torch.save(load(ckpt), tmp / "taken" / "ckpt.pt")
     return {
@@ -558,6 +592,8 @@ def bad_inputs(run, cond_run, data, tmp):
         "guidance for an unconditional model": ["sample", "--ckpt", ckpt, "--guidance", 2],
         "label out of range": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 10],
         "negative guidance": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 1, "--guidance", -1],
+        "autoguidance without a guide": ["sample", "--ckpt", tmp / "unguided.pt", "--autoguidance", 3],
+        "negative autoguidance": ["sample", "--ckpt", ckpt, "--autoguidance", -1],
         "trajectory not a png": ["sample", "--ckpt", ckpt, "--trajectory", tmp / "flow.jpg"],
         "likelihood of a missing checkpoint": ["likelihood", "--ckpt", tmp / "nothing.pt"],
         "likelihood of one image, which has no standard error": ["likelihood", "--ckpt", ckpt, "--n", 1],
