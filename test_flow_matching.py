@@ -1,6 +1,12 @@
-"""Tests for flow_matching.py, in the script's section order. Most check an identity of flow matching
-numerically on a case whose answer is known in closed form; the last section runs the command line.
+"""Tests for flow_matching.py, in the script's section order. Most check an identity of flow
+matching numerically on a case whose answer is known in closed form; the others check what the
+commands do, on fake data small enough to learn in seconds.
 Run: python -m pytest -q test_flow_matching.py"""
+import argparse
+import contextlib
+import importlib
+import io
+import json
 import math
 import os
 import signal
@@ -13,7 +19,12 @@ import torch
 
 import flow_matching as fm
 
+torch.set_num_threads(1)                                            # tiny networks: one is faster
 HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--widths", "8,8", "--batch-size", "8"]
+# Subprocesses: no network (a closed proxy), and one thread each, since several run side by side.
+OFFLINE = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               OMP_NUM_THREADS="1")
 
 
 def randomize(model, seed=0):
@@ -25,320 +36,8 @@ def randomize(model, seed=0):
     return model
 
 
-# --- 1. Time embedding ---------------------------------------------------------------------------
-
-def test_time_embedding_varies_slowly_and_quickly_across_the_unit_interval():
-    """Some features change across all of [0, 1] (coarse), others tell apart times 1e-3 apart (fine)."""
-    t = torch.tensor([0.0, 0.5, 0.5005, 1.0])
-    e = fm.time_embedding(t, 64)
-    assert e.shape == (4, 64)
-    assert (e[0] - e[3]).norm() > 4                  # the ends of the path look different
-    slow = e[:, [0, 32]]                             # sin and cos at 1 rad per unit t
-    assert (slow[0] - slow[3]).norm() > 0.9          # |(sin 1, cos 1) - (0, 1)| = 0.96
-    assert (e[1] - e[2]).abs().max() > 0.3           # the fastest features separate Δt = 5e-4
-
-
-# --- 2. Velocity network -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
-def test_network_output_has_the_input_shape_and_depends_on_t(shape):
-    torch.manual_seed(0)
-    net = randomize(fm.VelocityNet(channels=shape[0], widths=[8, 16, 16, 16]))
-    x = torch.randn(2, *shape)
-    v0, v1 = net(x, torch.zeros(2)), net(x, torch.full((2,), 0.7))
-    assert v0.shape == x.shape
-    assert (v0 - v1).abs().mean() > 1e-3 * v0.abs().mean()
-
-
-# --- 3. The OT probability path ------------------------------------------------------------------
-
-SIGMA = 0.1
-
-
-def test_path_endpoints():
-    """x_0 = x0 (noise) and x_1 = x1 + σ_min x0 (data, blurred by σ_min)."""
-    x0, x1 = torch.randn(5, 3), torch.randn(5, 3)
-    xt, _ = fm.ot_path(x0, x1, torch.zeros(5), SIGMA)
-    torch.testing.assert_close(xt, x0)
-    xt, _ = fm.ot_path(x0, x1, torch.ones(5), SIGMA)
-    torch.testing.assert_close(xt, x1 + SIGMA * x0)
-
-
-def test_target_is_the_time_derivative_of_the_path():
-    """u = d/dt x_t, by forward-mode autodiff in t (Lipman et al. eq. 21-22)."""
-    x0, x1, t = torch.randn(4, 6), torch.randn(4, 6), torch.rand(4)
-    _, u = fm.ot_path(x0, x1, t, SIGMA)
-    _, dxt_dt = torch.func.jvp(lambda s: fm.ot_path(x0, x1, s, SIGMA)[0], (t,), (torch.ones(4),))
-    torch.testing.assert_close(u, dxt_dt)
-
-
-def test_path_given_x1_is_gaussian_with_mean_t_x1_and_std_sigma_t():
-    """p_t(x | x1) = N(t x1, σ_t² I) with σ_t = 1 - (1 - σ_min) t, by Monte Carlo over x0."""
-    torch.manual_seed(0)
-    n, x1 = 200_000, torch.tensor([2.0, -1.0])
-    for t in [0.0, 0.3, 0.8, 1.0]:
-        xt, _ = fm.ot_path(torch.randn(n, 2), x1.expand(n, 2), torch.full((n,), t), SIGMA)
-        sigma_t = 1 - (1 - SIGMA) * t
-        torch.testing.assert_close(xt.mean(0), t * x1, atol=5 * sigma_t / n ** 0.5, rtol=0)
-        torch.testing.assert_close(xt.std(0), torch.full((2,), sigma_t), atol=0.01 * sigma_t, rtol=0)
-
-
-# --- 3b. Marginalisation: L_FM = L_CFM + C -------------------------------------------------------
-# For data made of K points the marginal velocity has a closed form: the conditional velocities
-# u(x | x1_k) weighted by the posterior p(x1_k | x_t = x) ∝ N(x; t x1_k, σ_t² I) (Lemma 1 of seed 000,
-# Theorem 1 of Lipman et al.).
-
-POINTS = torch.tensor([[2.0, 0.0], [-1.0, 1.5], [-1.0, -1.5]])
-
-
-def marginal_velocity(x, t, sigma_min=SIGMA, points=POINTS):
-    t = t.view(-1, 1, 1)
-    sigma_t = 1 - (1 - sigma_min) * t
-    log_w = -((x[:, None] - t * points) ** 2).sum(-1, keepdim=True) / (2 * sigma_t ** 2)
-    x0 = (x[:, None] - t * points) / sigma_t                          # the noise that leads to x via x1_k
-    u = points - (1 - sigma_min) * x0                                 # u(x | x1_k)
-    return (log_w.softmax(1) * u).sum(1)
-
-
-def path_samples(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x1 = POINTS[torch.randint(len(POINTS), (n,), generator=g)]
-    x0, t = torch.randn(n, 2, generator=g), torch.rand(n, generator=g)
-    xt, u = fm.ot_path(x0, x1, t, SIGMA)
-    return xt, t, u
-
-
-def test_marginal_velocity_has_the_lowest_cfm_loss():
-    """The minimiser of L_CFM is the marginal velocity: perturbing it raises the loss by E||δ||²."""
-    xt, t, u = path_samples(400_000)
-    best = marginal_velocity(xt, t)
-    loss = lambda v: ((v - u) ** 2).sum(1).mean().item()
-    for delta in [0.1 * torch.ones(2), 0.1 * best, 0.2 * torch.sin(3 * xt)]:
-        worse = best + delta
-        assert loss(worse) > loss(best)
-        assert loss(worse) - loss(best) == pytest.approx((delta ** 2).sum(-1).mean().item(), rel=0.1)
-
-
-def test_fm_and_cfm_losses_differ_by_the_same_constant_for_any_field():
-    """Theorem 1 of seed 000 (Theorem 2 of Lipman et al.): L_FM(v) - L_CFM(v) = C for every v,
-    with C = E||u_marg||² - E||u||² = -E Var(u | x_t). (For v = 0 it holds by C's definition, so v ≠ 0 here.)"""
-    xt, t, u = path_samples(400_000, seed=1)
-    u_marg = marginal_velocity(xt, t)
-    c = ((u_marg ** 2).sum(1).mean() - (u ** 2).sum(1).mean()).item()
-    fields = [torch.full_like(xt, 3.0), 2 * xt.flip(1) - 1, torch.tanh(xt) * t[:, None]]
-    for v in fields:
-        l_fm = ((v - u_marg) ** 2).sum(1).mean().item()
-        l_cfm = ((v - u) ** 2).sum(1).mean().item()
-        assert l_fm - l_cfm == pytest.approx(c, abs=0.03)
-    assert c < -0.5                                                   # a real gap, not 0 = 0
-
-
-def test_integrating_the_marginal_velocity_lands_on_the_data():
-    """Solving dx/dt = u_t(x) from N(0, I) reaches p_1 = the data blurred by σ_min, each point equally often."""
-    torch.manual_seed(0)
-    sigma_min = 0.01
-    x0 = torch.randn(3000, 2, dtype=torch.float64)
-    v = lambda x, t: marginal_velocity(x, torch.full((len(x),), t, dtype=x.dtype), sigma_min, POINTS.double())
-    x1, nfe = fm.integrate(v, x0, 100, "rk4")
-    dist = torch.cdist(x1, POINTS.double())
-    assert nfe == 400
-    assert dist.min(1).values.max() < 6 * sigma_min                   # every sample ends on a data point
-    spread = (x1 - POINTS.double()[dist.argmin(1)]).std().item()      # ... blurred by N(0, σ_min² I)
-    assert spread == pytest.approx(sigma_min, rel=0.05)
-    share = torch.bincount(dist.argmin(1), minlength=3) / len(x1)
-    torch.testing.assert_close(share, torch.full((3,), 1 / 3, dtype=share.dtype), atol=0.03, rtol=0)
-
-
-# --- 4. The conditional flow matching loss -------------------------------------------------------
-
-def test_cfm_loss_is_the_mean_squared_error_to_the_target():
-    torch.manual_seed(0)
-    net = randomize(fm.VelocityNet(widths=[8, 16, 16]))
-    x0, x1, t = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.rand(3)
-    xt, u = fm.ot_path(x0, x1, t, SIGMA)
-    expected = ((net(xt, t) - u) ** 2).mean()
-    torch.testing.assert_close(fm.cfm_loss(net, x0, x1, t, SIGMA), expected)
-
-
-# --- 6. Samplers ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("rk4", 4)])
-def test_solvers_converge_at_their_order(solver, order):
-    """dx/dt = x cos t has x(1) = x(0) e^{sin 1}; halving h divides the error by 2^order."""
-    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    exact = x0 * math.exp(math.sin(1.0))
-    steps = [4, 8, 16, 32]
-    errors = []
-    for n in steps:
-        x1, nfe = fm.integrate(lambda x, t: x * math.cos(t), x0, n, solver)
-        assert nfe == n * fm.SOLVERS[solver][1]
-        errors.append((x1 - exact).abs().max().item())
-    slope = -(math.log(errors[-1]) - math.log(errors[0])) / (math.log(steps[-1]) - math.log(steps[0]))
-    assert slope == pytest.approx(order, abs=0.3)
-
-
-@pytest.mark.parametrize("solver,t0,t1", [("euler", 0.0, 1.0), ("rk4", 0.0, 1.0), ("rk4", 1.0, 0.0)])
-def test_step_boundaries_follow_the_grid_and_end_at_t1(solver, t0, t1):
-    """Steps start at t = s - a sin(2πs) / 2π, s = i / n (Euler a = 0: equal steps; RK4 a = 1/2), and end on t1."""
-    starts = []
-    def v(x, t):
-        starts.append(t)
-        return torch.ones_like(x)                                     # dx/dt = 1: x(t1) = x(t0) + t1 - t0
-    n, a = 40, fm.SOLVERS[solver][2]
-    x1, _ = fm.integrate(v, torch.zeros(1, dtype=torch.float64), n, solver, t0=t0, t1=t1)
-    s = torch.arange(n + 1, dtype=torch.float64) / n
-    grid = t0 + (t1 - t0) * (s - a * torch.sin(2 * math.pi * s) / (2 * math.pi))
-    used = torch.tensor(starts[::fm.SOLVERS[solver][1]] + [t1], dtype=torch.float64)  # where integrate's steps start, then t1
-    torch.testing.assert_close(used, grid)
-    torch.testing.assert_close(x1, torch.tensor([t1 - t0], dtype=torch.float64))
-    lengths = (used[1:] - used[:-1]).abs()
-    assert a == (0.5 if solver == "rk4" else 0.0)
-    assert lengths[0] / lengths[n // 2] == pytest.approx((1 - a) / (1 + a), rel=0.01)  # RK4: a third at the ends
-
-
-def test_integrate_backwards_undoes_forwards():
-    v = lambda x, t: torch.sin(x) + t
-    x0 = torch.randn(5, dtype=torch.float64)
-    x1, _ = fm.integrate(v, x0, 50, "rk4")
-    back, _ = fm.integrate(v, x1, 50, "rk4", t0=1.0, t1=0.0)
-    torch.testing.assert_close(back, x0, atol=1e-7, rtol=0)
-
-
-class LabelEcho(torch.nn.Module):
-    """A 'network' whose velocity is its label, 3 being the null label."""
-    classes = 3
-
-    def forward(self, x, t, y):
-        return torch.zeros_like(x) + y.view(-1, 1).float()
-
-
-@pytest.mark.parametrize("w, expected", [(0.0, 3.0), (1.0, 1.0), (2.0, -1.0)])
-def test_guidance_mixes_label_and_null_velocities(w, expected):
-    """v = v_null + w (v_y - v_null): w = 0 is the null label's field, w = 1 the label's, and w > 1
-    pushes past the label, away from the null field (here v_y = 1, v_null = 3)."""
-    v = fm.velocity_field(LabelEcho(), torch.tensor([1, 1]), w)
-    assert torch.equal(v(torch.zeros(2, 5), 0.3), torch.full((2, 5), expected))
-
-
-class Shifted(LabelEcho):
-    """LabelEcho plus 10, standing in for the early network (the guide) of autoguidance."""
-    def forward(self, x, t, y):
-        return super().forward(x, t, y) + 10
-
-
-@pytest.mark.parametrize("w, expected", [(0.0, 11.0), (1.0, 1.0), (2.0, -9.0)])
-def test_autoguidance_mixes_the_network_and_its_guide(w, expected):
-    """v = v_guide + w (v - v_guide), here v = 1 and v_guide = 11; with classifier-free guidance at 2 as
-    well, each network is first guided by its own null label: v = 1 + 2 (1 - 3) = -1, v_guide = 9."""
-    y, x = torch.tensor([1, 1]), torch.zeros(2, 5)
-    v = fm.velocity_field(LabelEcho(), y, 1.0, Shifted(), w)
-    assert torch.equal(v(x, 0.3), torch.full((2, 5), expected))
-    both = fm.velocity_field(LabelEcho(), y, 2.0, Shifted(), w)
-    assert torch.equal(both(x, 0.3), torch.full((2, 5), 9 + w * (-1 - 9)))
-
-
-# --- 7. Likelihood --------------------------------------------------------------------------------
-
-def gaussian_marginal_field(mu, s):
-    """The exact marginal velocity when the data are N(μ, s² I) and σ_min = 0: x_t ~ N(t μ, σ_t² I)
-    with σ_t² = (1 - t)² + t² s², and v(x, t) = μ + (σ_t'/σ_t) (x - t μ), σ_t σ_t' = t s² - (1 - t)."""
-    return lambda x, t: mu + (t * s ** 2 - (1 - t)) / ((1 - t) ** 2 + t ** 2 * s ** 2) * (x - t * mu)
-
-
-def test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form():
-    """The flow of the exact field carries N(0, I) to N(μ, s² I); the continuity equation must give
-    that density's log at any point, with the exact divergence and, on average, with Hutchinson's."""
-    mu, s = torch.tensor([1.0, -2.0, 0.5]), 0.3
-    x1 = mu + s * torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    truth = torch.distributions.Normal(mu, s).log_prob(x1).sum(1)
-    v = gaussian_marginal_field(mu, s)
-    exact, nfe = fm.log_likelihood(v, x1, 50, "rk4", exact=True)
-    assert nfe == 200
-    torch.testing.assert_close(exact, truth, atol=1e-3, rtol=0)
-    torch.manual_seed(0)
-    hutchinson, _ = fm.log_likelihood(v, x1.repeat(400, 1), 20, "rk4")
-    torch.testing.assert_close(hutchinson.view(400, 5).mean(0), truth, atol=0.05, rtol=0)
-
-
-def test_hutchinson_divergence_is_unbiased():
-    """E_ε[εᵀ J ε] = tr J for Rademacher ε, on a nonlinear field whose Jacobian is not diagonal."""
-    torch.manual_seed(0)
-    w = torch.randn(4, 4)
-    v = lambda x, t: torch.tanh(x @ w) * (1 + t)
-    x = torch.randn(1, 4).repeat(20_000, 1)
-    _, exact = fm.divergence(v, x[:1], 0.5)
-    noise = torch.randint(0, 2, x.shape).float() * 2 - 1
-    _, estimates = fm.divergence(v, x, 0.5, noise)
-    assert abs(estimates.mean() - exact[0]) < 4 * estimates.std() / math.sqrt(len(x))
-    assert estimates.std() > 0.01                                     # it is an estimate, not the trace
-
-
-def test_bits_per_dim_of_a_standard_normal_over_8_bit_pixels():
-    """The zero field leaves N(0, I) in place. A pixel k dequantised to x = (k + U - 1/2) / 127.5 - 1
-    then costs E[-log N(x)] + ln 127.5 nats: ½ ln 2π + ½ (c² + 1 / (12 · 127.5²)) + ln 127.5 with
-    c = k / 127.5 - 1."""
-    torch.manual_seed(0)
-    k = torch.tensor([0, 40, 128, 255]).repeat(20_000)
-    pixels = k.view(-1, 1, 1, 1).to(torch.uint8)
-    bpd, _ = fm.bits_per_dim(pixels, lambda x: fm.log_likelihood(lambda x, t: 0 * x, x, 1, "euler"))
-    c = k.double() / 127.5 - 1
-    expected = (0.5 * math.log(2 * math.pi) + 0.5 * (c ** 2 + 1 / (12 * 127.5 ** 2)) + math.log(127.5)) / math.log(2)
-    torch.testing.assert_close(bpd.double().view(-1, 4).mean(0), expected.view(-1, 4).mean(0), atol=1e-4, rtol=0)
-
-
-# --- 8. Training ---------------------------------------------------------------------------------
-
-def test_training_lowers_the_loss_on_a_tiny_data_set():
-    """Two 8x8 images, a pattern and its negative: the zero field scores E||u||² / D = 2, and a net that
-    learns where x_t is heading does far better."""
-    torch.manual_seed(0)
-    pattern = (torch.rand(1, 1, 8, 8) > 0.5).to(torch.uint8) * 255
-    images = torch.cat([pattern, 255 - pattern])
-    net = fm.VelocityNet(widths=[8, 16, 16])
-    ema = fm.copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    args = fm.argparse.Namespace(sigma_min=0.0, bf16=False, class_cond=False)
-    losses = [fm.train_step(net, ema, opt, fm.draw_batch(images, torch.zeros(2, dtype=torch.long), 32), 3e-3, step, args) for step in range(150)]
-    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
-
-
-def test_learning_rate_warms_up_then_decays_to_zero():
-    assert fm.learning_rate(1.0, 0, 0.0, warmup=10) == pytest.approx(0.1)
-    assert fm.learning_rate(1.0, 50, 0.5, warmup=10) == pytest.approx(0.5)
-    assert fm.learning_rate(1.0, 99, 1.0, warmup=10) == 0.0
-
-
-def test_ema_follows_the_weights_with_its_decay():
-    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    before = b.weight.detach().clone()
-    fm.ema_update(b, a, step=10_000, decay=0.9)
-    torch.testing.assert_close(b.weight, 0.9 * before + 0.1 * a.weight.detach())
-
-
-def test_labels_are_dropped_per_sample_at_the_requested_rate():
-    torch.manual_seed(0)
-    images, labels = torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.arange(100) % 10
-    _, _, _, y = fm.draw_batch(images, labels, 50_000, classes=10, p_drop=0.1)
-    dropped = y == 10
-    assert abs(dropped.float().mean() - 0.1) < 0.005
-    assert (y[~dropped] < 10).all()
-    for batch in y[:1000].view(-1, 100):                              # within each batch of 100, not all-or-none
-        assert 0 < (batch == 10).sum() < 100
-
-
-def test_cifar10_batches_are_flipped_left_to_right_half_the_time():
-    torch.manual_seed(0)
-    image = torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4).expand(1, 3, 4, 4)
-    _, x1, _, _ = fm.draw_batch(image, torch.zeros(1, dtype=torch.long), 4000, flip=True)
-    flipped = x1[:, 0, 0, 0] > x1[:, 0, 0, -1]
-    assert abs(flipped.float().mean() - 0.5) < 0.03
-    torch.testing.assert_close(x1[flipped], fm.to_model_scale(image.flip(-1)).expand(int(flipped.sum()), 3, 4, 4))
-
-
-# --- 9. Command line, end to end -----------------------------------------------------------------
-
 def write_idx(path, array):
-    """torchvision's on-disk MNIST format: a magic number (3 = unsigned bytes, then the number of
+    """torchvision's on-disk MNIST format: a magic number (8 = unsigned bytes, then the number of
     dimensions), each dimension as a big-endian int32, then the bytes."""
     with open(path, "wb") as f:
         f.write(bytes([0, 0, 8, array.dim()]))
@@ -348,7 +47,7 @@ def write_idx(path, array):
 
 
 def fake_mnist(root, folder="MNIST", n_train=64, n_test=16):
-    """Bright squares on black, the class saying where: a data set small enough to learn in seconds."""
+    """Bright squares on black, the class saying where: small enough to learn in seconds."""
     raw = os.path.join(root, folder, "raw")
     os.makedirs(raw, exist_ok=True)
     for split, n in [("train", n_train), ("t10k", n_test)]:
@@ -365,266 +64,913 @@ def fake_mnist(root, folder="MNIST", n_train=64, n_test=16):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
-    fake_mnist(root, "FashionMNIST")                                  # Fashion-MNIST has MNIST's format
+    fake_mnist(root, "FashionMNIST")                                # the same format
     return fake_mnist(root)
-
-
-def fake_cifar10(root, n=20):
-    """torchvision's on-disk CIFAR-10: pickled dicts of (N, 3072) bytes and labels in cifar-10-batches-py."""
-    import pickle
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy(), "labels": list(range(n))}
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump(batch, f)
-    with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
-    return root
-
-
-TINY = ["--widths", "8,8", "--batch-size", "8", "--device", "cpu"]
-OFFLINE = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")  # no download
-
-
-def cli(*args, check=True):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "flow_matching.py"), *map(str, args)],
-                            capture_output=True, text=True, env=OFFLINE, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def cli(*args, check=True):
+    """flow_matching.py in a process of its own, as a user runs it."""
+    command = [sys.executable, os.path.join(HERE, "flow_matching.py"), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=OFFLINE, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def main(*args):
+    """flow_matching.py's main in this process, which is faster: train's Ctrl-C handlers are not
+    installed, so that they cannot replace pytest's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fm.signal, "signal", lambda *args: None)
+        fm.main(list(map(str, args)))
+
+
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
+    """A tiny run of 12 steps that saves at 6 and 12; its guide is taken at step 3."""
     out = tmp_path_factory.mktemp("run")
-    cli("train", "--data-dir", data, "--out", out, "--steps", 12, "--save-every", 6, *TINY)
+    main("train", "--data-dir", data, "--out", out, "--steps", 12, "--save-every", 6, *TINY)
     return out
 
 
-def test_train_writes_a_checkpoint_and_sample_grids(run):
-    ckpt = load(run / "ckpt.pt")
-    assert ckpt["step"] == 12
-    assert {"model", "ema", "optimizer", "config", "rng", "guide"} <= ckpt.keys()
-    assert ckpt["config"]["channels"] == 1 and ckpt["config"]["size"] == 28
-    assert (run / "samples_000006.png").exists() and (run / "samples_000012.png").exists()
-    assert not (run / "ckpt.pt.tmp").exists()
+# --- 1. Time embedding ----------------------------------------------------------------------------
+
+def test_time_embedding_varies_slowly_and_quickly_across_the_unit_interval():
+    """Some features change across all of [0, 1] (coarse), others tell apart times 1e-3 apart."""
+    t = torch.tensor([0.0, 0.5, 0.5005, 1.0])
+    e = fm.time_embedding(t, 64)
+    assert e.shape == (4, 64)
+    assert (e[0] - e[3]).norm() > 4                                 # the ends of the path differ
+    slow = e[:, [0, 32]]                                            # sin and cos at 1 rad per t
+    assert (slow[0] - slow[3]).norm() > 0.9                         # |(sin 1, cos 1) - (0, 1)|
+    assert (e[1] - e[2]).abs().max() > 0.3                          # the fastest separate Δt = 5e-4
 
 
-def test_sample_writes_a_grid_and_a_tensor_and_repeats_with_a_seed(run, tmp_path):
-    result = cli("sample", "--ckpt", run / "ckpt.pt", "--solver", "rk4", "--steps", 3, "--n", 6,
-                 "--out", tmp_path / "a.pt", "--device", "cpu")
-    assert "12 NFE, autoguidance 2" in result.stdout   # the run's guide is used by default
-    cli("sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6, "--out", tmp_path / "b.pt")
-    cli("sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6, "--out", tmp_path / "c.pt", "--seed", 1)
-    result = cli("sample", "--ckpt", run / "ckpt.pt", "--solver", "euler", "--steps", 3, "--n", 4,
-                 "--out", tmp_path / "grid.png")
-    assert "3 NFE" in result.stdout and (tmp_path / "grid.png").exists()
-    a, b, c = load(tmp_path / "a.pt"), load(tmp_path / "b.pt"), load(tmp_path / "c.pt")
-    assert a.shape == (6, 1, 28, 28) and a.dtype == torch.float32
-    assert 0 <= a.min() and a.max() <= 1
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    result = cli("sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6, "--out", tmp_path / "off.pt", "--autoguidance", 1)
-    assert "autoguidance" not in result.stdout and not torch.equal(a, load(tmp_path / "off.pt"))
+# --- 2. Velocity network --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_network_output_has_the_input_shape_and_depends_on_t(size):
+    net = randomize(fm.VelocityNet(widths=[8, 16, 16, 16]))
+    x = torch.randn(2, 1, size, size)
+    v0, v1 = net(x, torch.zeros(2)), net(x, torch.full((2,), 0.7))
+    assert v0.shape == x.shape
+    assert (v0 - v1).abs().mean() > 1e-3 * v0.abs().mean()
 
 
-@pytest.fixture(scope="module")
-def cond_run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cond")
-    cli("train", "--data-dir", data, "--out", out, "--steps", 6, "--class-cond", *TINY)
-    return out
+# --- 3. The OT probability path -------------------------------------------------------------------
+
+SIGMA = 0.1
 
 
-def test_a_class_conditional_model_samples_one_class_or_a_row_per_class(cond_run, tmp_path):
-    assert load(cond_run / "ckpt.pt")["config"]["classes"] == 10
-    result = cli("sample", "--ckpt", cond_run / "ckpt.pt", "--label", 7, "--guidance", 2, "--n", 4, "--steps", 2,
-                 "--out", tmp_path / "sevens.pt")
-    assert "8 NFE" in result.stdout and load(tmp_path / "sevens.pt").shape == (4, 1, 28, 28)
-    cli("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 20, "--steps", 3, "--out", tmp_path / "rows.png",
-        "--trajectory", tmp_path / "flow.png")
-    from torchvision.io import read_image
-    assert read_image(str(tmp_path / "rows.png")).shape[1:] == (2 + 10 * 30, 2 + 2 * 30)   # 10 rows of 2
-    assert read_image(str(tmp_path / "flow.png")).shape[1:] == (2 + 8 * 30, 2 + 4 * 30)    # t = 0, 0.26, 0.74, 1
+def test_path_endpoints():
+    """x_0 = x0 (noise) and x_1 = x1 + σ_min x0 (data, blurred by σ_min)."""
+    x0, x1 = torch.randn(5, 3), torch.randn(5, 3)
+    xt, _ = fm.ot_path(x0, x1, torch.zeros(5), SIGMA)
+    torch.testing.assert_close(xt, x0)
+    xt, _ = fm.ot_path(x0, x1, torch.ones(5), SIGMA)
+    torch.testing.assert_close(xt, x1 + SIGMA * x0)
 
 
-def test_likelihood_prints_bits_per_dim_and_the_nfe(run, data):
-    result = cli("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 8, "--steps", 2)
-    bpd = float(result.stdout.split()[0])
-    assert 0 < bpd < 100 and "8 NFE" in result.stdout and "8 mnist test images" in result.stdout
+def test_target_is_the_time_derivative_of_the_path():
+    """u = d/dt x_t, by forward-mode autodiff in t (Lipman et al., eq. 21-22)."""
+    x0, x1, t = torch.randn(4, 6), torch.randn(4, 6), torch.rand(4)
+    _, u = fm.ot_path(x0, x1, t, SIGMA)
+
+    def path(s):
+        return fm.ot_path(x0, x1, s, SIGMA)[0]
+
+    _, dxt_dt = torch.func.jvp(path, (t,), (torch.ones(4),))
+    torch.testing.assert_close(u, dxt_dt)
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    """For fm.main in pytest's process: train's Ctrl-C handlers would replace pytest's."""
-    monkeypatch.setattr(fm.signal, "signal", lambda *args: None)
+def test_path_given_x1_is_gaussian_with_mean_t_x1_and_std_sigma_t():
+    """p_t(x | x1) = N(t x1, σ_t² I) with σ_t = 1 - (1 - σ_min) t, by Monte Carlo over x0."""
+    torch.manual_seed(0)
+    n, x1 = 200_000, torch.tensor([2.0, -1.0])
+    for t in [0.0, 0.3, 0.8, 1.0]:
+        xt, _ = fm.ot_path(torch.randn(n, 2), x1.expand(n, 2), torch.full((n,), t), SIGMA)
+        sigma_t = 1 - (1 - SIGMA) * t
+        torch.testing.assert_close(xt.mean(0), t * x1, atol=5 * sigma_t / n ** 0.5, rtol=0)
+        torch.testing.assert_close(xt.std(0), torch.full((2,), sigma_t), atol=0.01 * sigma_t,
+                                   rtol=0)
 
 
-def test_bfloat16_autocast_only_on_cpus_with_avx512_bf16(data, tmp_path, monkeypatch, capsys, in_process):
-    """oneDNN's own bfloat16 check also passes AVX-512 CPUs that only emulate bfloat16, slower than float32."""
-    for native in (False, True):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
-        fm.main(["train", "--data-dir", data, "--out", str(tmp_path / str(native)), "--steps", "1", *TINY])
-        assert ("with bfloat16 autocast" in capsys.readouterr().out) == native
+# --- 4. The conditional flow matching loss --------------------------------------------------------
+
+def test_cfm_loss_is_the_mean_squared_error_to_the_target():
+    net = randomize(fm.VelocityNet(widths=[8, 16, 16]))
+    x0, x1, t = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.rand(3)
+    xt, u = fm.ot_path(x0, x1, t, SIGMA)
+    expected = ((net(xt, t) - u) ** 2).mean()
+    torch.testing.assert_close(fm.cfm_loss(net, x0, x1, t, SIGMA), expected)
 
 
-def test_the_learning_rate_decays_over_the_minutes_when_they_run_out_before_the_steps(data, tmp_path, in_process):
-    """With --minutes 0.1 and --steps 10⁶ the clock stops the run, so the last step's rate is near 0:
-    below half of what the schedule over 10⁶ steps would give it at that step."""
-    fm.main(["train", "--data-dir", data, "--out", str(tmp_path), "--minutes", "0.1", "--steps", "1000000", *TINY])
-    ckpt = load(tmp_path / "ckpt.pt")
-    last = ckpt["step"] - 1
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] < 0.5 * fm.learning_rate(2e-3, last, last / 1000000)
+# For data made of K points the marginal velocity has a closed form: the conditional velocities
+# u(x | x1_k) weighted by the posterior p(x1_k | x_t = x) ∝ N(x; t x1_k, σ_t² I) (Lipman et al.,
+# Theorem 1). With it, L_FM can be computed, and compared with L_CFM.
+POINTS = torch.tensor([[2.0, 0.0], [-1.0, 1.5], [-1.0, -1.5]])
 
 
-def test_the_guide_is_the_ema_after_the_step_that_starts_a_quarter_of_the_way_in(data, tmp_path, monkeypatch, in_process):
-    """Of 8 steps, the third starts at progress 2/8 = 1/4: the guide is the EMA after 3 steps, not 2 or 4."""
+def marginal_velocity(x, t, sigma_min=SIGMA, points=POINTS):
+    t = t.view(-1, 1, 1)
+    sigma_t = 1 - (1 - sigma_min) * t
+    log_w = -((x[:, None] - t * points) ** 2).sum(-1, keepdim=True) / (2 * sigma_t ** 2)
+    x0 = (x[:, None] - t * points) / sigma_t                        # the noise for x via x1_k
+    u = points - (1 - sigma_min) * x0                               # u(x | x1_k)
+    return (log_w.softmax(1) * u).sum(1)
+
+
+def path_samples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x1 = POINTS[torch.randint(len(POINTS), (n,), generator=g)]
+    x0, t = torch.randn(n, 2, generator=g), torch.rand(n, generator=g)
+    xt, u = fm.ot_path(x0, x1, t, SIGMA)
+    return xt, t, u
+
+
+def squared_error(v, u):
+    return ((v - u) ** 2).sum(1).mean().item()
+
+
+def test_marginal_velocity_has_the_lowest_cfm_loss():
+    """The minimiser of L_CFM is the marginal velocity: perturbing it raises the loss by E||δ||²."""
+    xt, t, u = path_samples(400_000)
+    best = marginal_velocity(xt, t)
+    for delta in [0.1 * torch.ones(2), 0.1 * best, 0.2 * torch.sin(3 * xt)]:
+        worse = best + delta
+        assert squared_error(worse, u) > squared_error(best, u)
+        gap = squared_error(worse, u) - squared_error(best, u)
+        assert gap == pytest.approx((delta ** 2).sum(-1).mean().item(), rel=0.1)
+
+
+def test_fm_and_cfm_losses_differ_by_the_same_constant_for_any_field():
+    """Lipman et al., Theorem 2: L_FM(v) - L_CFM(v) = C for every v, with
+    C = E||u_marg||² - E||u||² = -E Var(u | x_t). (For v = 0 it holds by C's definition.)"""
+    xt, t, u = path_samples(400_000, seed=1)
+    u_marg = marginal_velocity(xt, t)
+    c = ((u_marg ** 2).sum(1).mean() - (u ** 2).sum(1).mean()).item()
+    for v in [torch.full_like(xt, 3.0), 2 * xt.flip(1) - 1, torch.tanh(xt) * t[:, None]]:
+        l_fm = squared_error(v, u_marg)
+        l_cfm = squared_error(v, u)
+        assert l_fm - l_cfm == pytest.approx(c, abs=0.03)
+    assert c < -0.5                                                 # a real gap, not 0 = 0
+
+
+def test_integrating_the_marginal_velocity_lands_on_the_data():
+    """dx/dt = u_t(x) from N(0, I) reaches p_1, the data blurred by σ_min, each point as often."""
+    torch.manual_seed(0)
+    sigma_min = 0.01
+    points = POINTS.double()
+
+    def v(x, t):
+        return marginal_velocity(x, torch.full((len(x),), t, dtype=x.dtype), sigma_min, points)
+
+    x1 = fm.integrate(v, torch.randn(3000, 2, dtype=torch.float64), 100, "rk4")
+    dist = torch.cdist(x1, points)
+    assert dist.min(1).values.max() < 6 * sigma_min                 # every sample on a data point
+    spread = (x1 - points[dist.argmin(1)]).std().item()             # ... blurred by N(0, σ_min² I)
+    assert spread == pytest.approx(sigma_min, rel=0.05)
+    share = torch.bincount(dist.argmin(1), minlength=3) / len(x1)
+    torch.testing.assert_close(share, torch.full((3,), 1 / 3, dtype=share.dtype), atol=0.03, rtol=0)
+
+
+# --- 5. Data --------------------------------------------------------------------------------------
+
+def test_a_batch_pairs_standard_normal_noise_with_images_and_logit_normal_times():
+    """x0 ~ N(0, I); x1 the chosen images on the model's scale; logit(t) ~ N(0, 1)."""
+    torch.manual_seed(0)
+    images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 8, 8) * 60
+    x0, x1, t = fm.draw_batch(images, 20_000)
+    assert abs(x0.mean()) < 0.01 and abs(x0.std() - 1) < 0.01
+    torch.testing.assert_close(x1.unique(), torch.tensor([0.0, 60, 120, 180]) / 127.5 - 1)
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
+
+
+def test_images_load_as_one_channel_bytes(data):
+    images = fm.load_images("mnist", data, train=False)
+    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.uint8
+    assert images[3, 0, 2, 20] == 255 and images[3, 0, 2, 19] == 0  # class 3: a square at column 20
+
+
+def test_missing_data_names_its_folder_and_files_and_leaves_no_folders(tmp_path, monkeypatch,
+                                                                        capsys):
+    for proxy in ["http_proxy", "https_proxy"]:                     # no download
+        monkeypatch.setenv(proxy, OFFLINE[proxy])
+    with pytest.raises(SystemExit) as stop:
+        fm.load_images("fashion-mnist", str(tmp_path / "data"))
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert str(tmp_path / "data" / "FashionMNIST" / "raw") in error
+    assert "t10k-labels-idx1-ubyte.gz" in error
+    assert os.listdir(tmp_path) == []
+
+
+# --- 6. Samplers ----------------------------------------------------------------------------------
+
+class Recorded:
+    """A field dx/dt = f(x, t) that records the times it is evaluated at."""
+    def __init__(self, f):
+        self.f, self.times = f, []
+
+    def __call__(self, x, t):
+        self.times.append(t)
+        return self.f(x, t)
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("rk4", 4)])
+def test_solvers_converge_at_their_order(solver, order):
+    """dx/dt = x cos t has x(1) = x(0) e^{sin 1}; halving h divides the error by 2^order."""
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    exact = x0 * math.exp(math.sin(1.0))
+    steps = [4, 8, 16, 32]
+    errors = []
+    for n in steps:
+        v = Recorded(lambda x, t: x * math.cos(t))
+        x1 = fm.integrate(v, x0, n, solver)
+        assert len(v.times) == n * fm.EVALUATIONS_PER_STEP[solver]
+        errors.append((x1 - exact).abs().max().item())
+    slope = -math.log(errors[-1] / errors[0]) / math.log(steps[-1] / steps[0])
+    assert slope == pytest.approx(order, abs=0.3)
+
+
+@pytest.mark.parametrize("solver,t0,t1", [("euler", 0, 1), ("rk4", 0, 1), ("rk4", 1, 0)])
+def test_steps_follow_the_grid_and_end_at_t1(solver, t0, t1):
+    """Steps start at t = s - a sin(2πs) / 2π, s = i / n, with a = 0 for Euler (equal steps) and
+    a = 1/2 for RK4, whose first and last steps are then a third as long as mid-path ones."""
+    v = Recorded(lambda x, t: torch.ones_like(x))                   # x(t1) = x(t0) + t1 - t0
+    n, a = 40, {"euler": 0.0, "rk4": 0.5}[solver]
+    x1 = fm.integrate(v, torch.zeros(1, dtype=torch.float64), n, solver, t0=t0, t1=t1)
+    s = torch.arange(n + 1, dtype=torch.float64) / n
+    grid = t0 + (t1 - t0) * (s - a * torch.sin(2 * math.pi * s) / (2 * math.pi))
+    starts = v.times[::fm.EVALUATIONS_PER_STEP[solver]]             # where integrate's steps start
+    used = torch.tensor(starts + [t1], dtype=torch.float64)
+    torch.testing.assert_close(used, grid)
+    torch.testing.assert_close(x1, torch.tensor([t1 - t0], dtype=torch.float64))
+    lengths = (used[1:] - used[:-1]).abs()
+    assert lengths[0] / lengths[n // 2] == pytest.approx((1 - a) / (1 + a), rel=0.01)
+
+
+def test_integrate_backwards_undoes_forwards_and_records_each_step():
+    def v(x, t):
+        return torch.sin(x) + t
+
+    x0 = torch.randn(5, dtype=torch.float64)
+    trajectory = []
+    x1 = fm.integrate(v, x0, 50, "rk4", trajectory=trajectory)
+    assert len(trajectory) == 50 and torch.equal(trajectory[-1], x1)
+    back = fm.integrate(v, x1, 50, "rk4", t0=1.0, t1=0.0)
+    torch.testing.assert_close(back, x0, atol=1e-7, rtol=0)
+
+
+# --- 7. Training ----------------------------------------------------------------------------------
+
+def tiny_state(seed=0):
+    torch.manual_seed(seed)
+    net = fm.VelocityNet(widths=[8, 16, 16])
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    return fm.TrainState(net, fm.copy.deepcopy(net).requires_grad_(False), opt)
+
+
+def test_training_lowers_the_loss_on_a_tiny_data_set():
+    """Two 8x8 images, a pattern and its negative: the zero field scores E||u||² / D = 2, and a net
+    that learns where x_t is heading does far better."""
+    state = tiny_state()
+    pattern = (torch.rand(1, 1, 8, 8) > 0.5).to(torch.uint8) * 255
+    images = torch.cat([pattern, 255 - pattern])
+    losses = []
+    for step in range(150):
+        state.step = step
+        batch = fm.draw_batch(images, 32)
+        losses.append(fm.train_step(state, batch, 3e-3, sigma_min=0.0, bf16=False))
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    assert fm.learning_rate(1.0, 0, 0.0, warmup=10) == pytest.approx(0.1)
+    assert fm.learning_rate(1.0, 50, 0.5, warmup=10) == pytest.approx(0.5)
+    assert fm.learning_rate(1.0, 99, 1.0, warmup=10) == 0.0
+
+
+def test_ema_follows_the_weights_with_its_decay():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = b.weight.detach().clone()
+    fm.ema_update(b, a, step=10_000, decay=0.9)
+    torch.testing.assert_close(b.weight, 0.9 * before + 0.1 * a.weight.detach())
+
+
+def test_the_guide_is_the_ema_after_the_step_that_starts_a_quarter_of_the_way_in(
+        data, tmp_path, monkeypatch):
+    """Of 8 steps, the third starts at progress 2/8 = 1/4: the guide is the EMA after 3 steps."""
     emas, update = [], fm.ema_update
+
     def recorded(ema, model, step):
         update(ema, model, step)
         emas.append({k: v.clone() for k, v in ema.state_dict().items()})
+
     monkeypatch.setattr(fm, "ema_update", recorded)
-    fm.main(["train", "--data-dir", data, "--out", str(tmp_path), "--steps", "8", *TINY])
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 8, *TINY)
     guide = load(tmp_path / "ckpt.pt")["guide"]
     same = [all(torch.equal(guide[k], ema[k]) for k in guide) for ema in emas]
     assert same == [i == 2 for i in range(8)]
 
 
-def test_fashion_mnist_trains_and_its_checkpoint_names_it(data, tmp_path):
-    cli("train", "--dataset", "fashion-mnist", "--data-dir", data, "--out", tmp_path, "--steps", 2, *TINY)
-    assert load(tmp_path / "ckpt.pt")["config"]["dataset"] == "fashion-mnist"
+def test_the_learning_rate_decays_over_the_minutes_when_they_run_out_first(data, tmp_path):
+    """With --minutes 0.1 and --steps 10⁶ the clock stops the run, so the last step's rate is near
+    0: below half of what the schedule over 10⁶ steps would give it at that step."""
+    main("train", "--data-dir", data, "--out", tmp_path, "--minutes", 0.1, "--steps", 10 ** 6,
+         *TINY)
+    ckpt = load(tmp_path / "ckpt.pt")
+    last = ckpt["step"] - 1
+    over_the_steps = fm.learning_rate(2e-3, last, last / 1e6)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] < 0.5 * over_the_steps
 
 
-def test_cifar10_trains_in_colour_and_samples_at_its_size(tmp_path, monkeypatch, in_process):
-    """In-process, so that the fake files can skip torchvision's checksums of the real ones."""
-    import torchvision.datasets.cifar
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
-    root = fake_cifar10(str(tmp_path))
-    fm.main(["train", "--dataset", "cifar10", "--data-dir", root, "--out", str(tmp_path / "run"), "--steps", "2", *TINY])
-    assert load(tmp_path / "run" / "ckpt.pt")["config"] | dict(dataset="cifar10", channels=3, size=32) == \
-        load(tmp_path / "run" / "ckpt.pt")["config"]
-    fm.main(["sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--n", "3", "--steps", "1", "--out", str(tmp_path / "s.pt")])
-    assert load(tmp_path / "s.pt").shape == (3, 3, 32, 32)
+def test_progress_is_printed_every_100_steps_and_every_30_seconds(data, tmp_path, monkeypatch,
+                                                                   capsys):
+    """A clock that moves 20 s per reading: a line every other step, as well as at step 100."""
+    readings = iter(range(0, 10 ** 6, 20))
+    monkeypatch.setattr(fm.time, "perf_counter", lambda: next(readings))
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 8, *TINY)
+    steps = [int(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("step ") and "loss" in line]
+    assert steps == [2, 4, 6, 8]
 
 
-def torchrun(nproc, *args):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(HERE, "flow_matching.py"), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=OFFLINE, timeout=300)
+def test_bfloat16_autocast_only_on_cpus_with_avx512_bf16_and_not_with_fp32(data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """oneDNN's own bfloat16 check also passes AVX-512 CPUs that only emulate bfloat16, slower than
+    float32. With --fp32 the weights are those of a float32 run, bit for bit."""
+    runs = [("plain", False, []), ("bf16", True, []), ("fp32", True, ["--fp32"])]
+    for name, native, flags in runs:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        main("train", "--data-dir", data, "--out", tmp_path / name, "--steps", 2, *TINY, *flags)
+        assert ("with bfloat16 autocast" in capsys.readouterr().out) == (name == "bf16")
+    plain, fp32 = load(tmp_path / "plain" / "ckpt.pt"), load(tmp_path / "fp32" / "ckpt.pt")
+    assert all(torch.equal(plain["model"][k], fp32["model"][k]) for k in plain["model"])
 
 
-def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(data, tmp_path):
-    """Each process takes half of the global batch and DDP averages the gradients: the same step as one
-    process on the whole batch, up to float32 rounding (in float32, as bfloat16 would round more)."""
-    flags = ["--data-dir", data, "--steps", 4, *TINY, "--fp32"]
-    result = torchrun(2, "train", "--out", tmp_path / "two", *flags)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("saved") == 1 and sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "samples_000004.png"]
-    cli("train", "--out", tmp_path / "one", *flags)
-    one, two = load(tmp_path / "one" / "ckpt.pt"), load(tmp_path / "two" / "ckpt.pt")
-    assert one.keys() == two.keys() and one["step"] == two["step"] == 4
-    for key in ["model", "ema"]:
-        for name, tensor in one[key].items():
-            torch.testing.assert_close(two[key][name], tensor, atol=1e-5, rtol=0)
-    cli("sample", "--ckpt", tmp_path / "two" / "ckpt.pt", "--n", 2, "--steps", 1, "--out", tmp_path / "s.pt")
-
-
-def test_torchrun_with_a_batch_that_does_not_split_gives_one_error_line(data, tmp_path):
-    result = torchrun(3, "train", "--data-dir", data, "--out", tmp_path, "--steps", 2, *TINY)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode != 0 and errors == ["error: --batch-size 8 does not split evenly over 3 processes"]
-
-
-def test_resume_after_ctrl_c_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
-    """Ctrl-C saves a checkpoint; resuming it with the same flags ends bit-identical to one long run."""
-    flags = ["--data-dir", data, "--steps", 300, "--save-every", 1000, *TINY]
-    cli("train", "--out", tmp_path / "whole", *flags)
-    command = [sys.executable, os.path.join(HERE, "flow_matching.py"), "train", "--out", tmp_path / "cut", *flags]
-    proc = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, text=True, env=OFFLINE)
-    for line in proc.stdout:
-        if line.startswith("step"):                                   # the first log line, at step 100
-            proc.send_signal(signal.SIGINT)
-            break
-    assert "on a stop signal" in proc.communicate(timeout=120)[0] and proc.returncode == 0
-    assert 100 <= load(tmp_path / "cut" / "ckpt.pt")["step"] < 300
-    cli("train", "--out", tmp_path / "cut", "--resume", *flags)
-    whole, cut = load(tmp_path / "whole" / "ckpt.pt"), load(tmp_path / "cut" / "ckpt.pt")
-    assert cut["step"] == whole["step"] == 300
-    for key in ["model", "ema", "guide"]:                             # the guide was taken before the cut
-        for name, tensor in whole[key].items():
-            assert torch.equal(tensor, cut[key][name]), f"{key}.{name}"
-    assert torch.equal(whole["rng"], cut["rng"])
-
-
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path):
-    result = cli("train", "--data-dir", data, "--out", tmp_path, "--steps", 50, "--save-every", 1,
-                 "--lr", 1e30, *TINY, check=False)
-    assert result.returncode == 2 and "the loss is" in result.stderr
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main("train", "--data-dir", data, "--out", tmp_path, "--steps", 50, "--save-every", 1,
+             "--lr", 1e30, *TINY)
+    assert stop.value.code == 2 and "the loss is" in capsys.readouterr().err
     ckpt = load(tmp_path / "ckpt.pt")
     assert ckpt["step"] < 50
     assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
 
 
-def bad_inputs(run, cond_run, data, tmp):
-    not_ckpt, corrupt, a_file = tmp / "tensor.pt", tmp / "corrupt.pt", tmp / "file"
-    torch.save(torch.zeros(3), not_ckpt)
-    corrupt.write_bytes(b"not a checkpoint at all")
-    a_file.write_text("")
+def test_resume_after_ctrl_c_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
+    """Ctrl-C saves a checkpoint; --resume alone then ends bit-identical to one long run."""
+    flags = ["--data-dir", data, "--steps", 300, "--save-every", 1000, *TINY]
+    cli("train", "--out", tmp_path / "whole", *flags)
+    command = [sys.executable, os.path.join(HERE, "flow_matching.py"), "train",
+               "--out", tmp_path / "cut", *flags]
+    proc = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE, text=True, env=OFFLINE)
+    for line in proc.stdout:
+        if line.startswith("step") and "loss" in line:              # the first progress line
+            proc.send_signal(signal.SIGINT)
+            break
+    assert "on a stop signal" in proc.communicate(timeout=120)[0] and proc.returncode == 0
+    assert 1 <= load(tmp_path / "cut" / "ckpt.pt")["step"] < 300
+    cli("train", "--data-dir", data, "--out", tmp_path / "cut", "--resume")
+    whole, cut = load(tmp_path / "whole" / "ckpt.pt"), load(tmp_path / "cut" / "ckpt.pt")
+    assert cut["step"] == whole["step"] == 300
+    for key in ["model", "ema", "guide"]:                           # the guide: before the cut
+        for name, tensor in whole[key].items():
+            assert torch.equal(tensor, cut[key][name]), f"{key}.{name}"
+    assert torch.equal(whole["rng"], cut["rng"])
+
+
+def test_resume_keeps_the_run_settings_and_its_clock(data, tmp_path):
+    """--resume --steps N continues with the stored learning rate, batch size and widths, and adds
+    its time to the run's: the learning rate's schedule and a --minutes budget count all of it."""
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 2, "--lr", 1e-3,
+         "--widths", "8,16", "--batch-size", 4)
+    ckpt = load(tmp_path / "ckpt.pt")
+    ckpt["elapsed"] = 3600.0                                        # as if it had trained an hour
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    main("train", "--data-dir", data, "--out", tmp_path, "--resume", "--steps", 4)
+    resumed = load(tmp_path / "ckpt.pt")
+    config = fm.RunConfig(**resumed["config"])
+    assert (config.lr, config.batch_size, config.widths, config.steps) == (1e-3, 4, (8, 16), 4)
+    assert resumed["step"] == 4 and resumed["elapsed"] > 3600
+    last_lr = resumed["optimizer"]["param_groups"][0]["lr"]
+    assert last_lr == pytest.approx(fm.learning_rate(1e-3, 3, 3 / 4))
+    main("train", "--data-dir", data, "--out", tmp_path, "--resume", "--steps", 8, "--minutes", 60)
+    assert load(tmp_path / "ckpt.pt")["step"] == 4                  # the hour was already spent
+
+
+# --- 8. Sampling, with autoguidance --------------------------------------------------------------
+
+def test_train_writes_a_checkpoint_with_its_settings_and_sample_grids(run):
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["step"] == 12 and ckpt["guide"] is not None
+    config = fm.RunConfig(**ckpt["config"])
+    assert (config.widths, config.batch_size, config.steps, config.save_every) == ((8, 8), 8, 12, 6)
+    assert (config.dataset, config.lr, config.sigma_min) == ("mnist", 2e-3, 0.0)
+    assert (run / "samples_000006.png").exists() and (run / "samples_000012.png").exists()
+    assert not (run / "ckpt.pt.tmp").exists()
+
+
+def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path, capsys):
+    base = ["sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6]
+    main(*base, "--out", tmp_path / "a.pt")
+    assert "12 evaluations of v x 2 networks = 24 network evaluations" in capsys.readouterr().out
+    main(*base, "--out", tmp_path / "b.pt")
+    main(*base, "--out", tmp_path / "c.pt", "--seed", 1)
+    a, b, c = load(tmp_path / "a.pt"), load(tmp_path / "b.pt"), load(tmp_path / "c.pt")
+    assert a.shape == (6, 1, 28, 28) and a.dtype == torch.float32
+    assert 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    main(*base, "--out", tmp_path / "alone.pt", "--autoguidance", 1, "--solver", "euler")
+    assert "3 evaluations of v x 1 networks = 3 network evaluations" in capsys.readouterr().out
+    assert not torch.equal(a, load(tmp_path / "alone.pt"))
+    main(*base, "--out", tmp_path / "grid.png")
+    from torchvision.io import read_image
+    assert read_image(str(tmp_path / "grid.png")).shape[1:] == (2 + 2 * 30, 2 + 3 * 30)
+
+
+def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run, tmp_path,
+                                                                             monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2, "--trajectory", "flow.png")
+    assert os.listdir(tmp_path) == ["flow.png"]
+    assert "wrote flow.png" in capsys.readouterr().out
+    main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2)
+    assert sorted(os.listdir(tmp_path)) == ["flow.png", "samples.png"]
+    assert "wrote samples.png" in capsys.readouterr().out
+
+
+class Constant(torch.nn.Module):
+    """A 'network' whose velocity is a constant; it counts its passes."""
+    def __init__(self, value):
+        super().__init__()
+        self.value, self.passes = value, 0
+
+    def forward(self, x, t):
+        self.passes += 1
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("w, expected, passes", [(0.0, 11.0, 2), (1.0, 1.0, 1), (2.0, -9.0, 2)])
+def test_autoguidance_mixes_the_network_and_its_guide(w, expected, passes):
+    """v = v_guide + w (v - v_guide), here v = 1 and v_guide = 11: w = 0 is the guide, w = 1 the
+    network alone (one network evaluation, not two), w > 1 pushes past the network."""
+    model, guide = Constant(1.0), Constant(11.0)
+    v = fm.guided_field(model, guide, w)
+    assert torch.equal(v(torch.zeros(2, 5), 0.3), torch.full((2, 5), expected))
+    assert model.passes + guide.passes == passes
+
+
+def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
+    """Its first column is the noise at t=0 and its last the samples, as --out has them."""
+    from torchvision.io import read_image
+    main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2, "--out", tmp_path / "s.png",
+         "--trajectory", tmp_path / "flow.png")
+    samples, flow = read_image(str(tmp_path / "s.png")), read_image(str(tmp_path / "flow.png"))
+    noise = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    first = fm.to_unit_scale(noise[0]).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(flow[0, 2:30, 2:30], first[0])
+    assert torch.equal(flow[:, 2:30, 2 + 2 * 30:30 * 3], samples[:, 2:30, 2:30])
+
+
+# --- 9. Likelihood -------------------------------------------------------------------------------
+
+def gaussian_marginal_field(mu, s):
+    """The exact marginal velocity when the data are N(μ, s² I) and σ_min = 0: x_t ~ N(t μ, σ_t² I)
+    with σ_t² = (1 - t)² + t² s², and v(x, t) = μ + (σ_t'/σ_t) (x - t μ), where
+    σ_t σ_t' = t s² - (1 - t)."""
+    def v(x, t):
+        return mu + (t * s ** 2 - (1 - t)) / ((1 - t) ** 2 + t ** 2 * s ** 2) * (x - t * mu)
+    return v
+
+
+def test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form():
+    """The flow of the exact field carries N(0, I) to N(μ, s² I); the continuity equation must give
+    that density's log at any point. That field's Jacobian is a multiple of I, whose trace random
+    signs give exactly (ε_i² = 1), so one draw of Hutchinson's estimator suffices."""
+    mu, s = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), 0.3
+    x1 = mu + s * torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    truth = torch.distributions.Normal(mu, s).log_prob(x1).sum(1)
+    v = Recorded(gaussian_marginal_field(mu, s))
+    torch.testing.assert_close(fm.log_likelihood(v, x1, 50, "rk4"), truth, atol=1e-3, rtol=0)
+    assert len(v.times) == 200 and v.times[0] == 1.0                # from t=1 back to t=0
+
+
+def test_hutchinson_divergence_is_unbiased():
+    """E_ε[εᵀ J ε] = tr J for random signs ε, on a field whose Jacobian is not diagonal."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 4)
+
+    def v(x, t):
+        return torch.tanh(x @ w) * (1 + t)
+
+    x = torch.randn(1, 4)
+    exact = torch.func.jacrev(lambda x: v(x, 0.5))(x[0]).trace()
+    noise = torch.randint(0, 2, (20_000, 4)).float() * 2 - 1
+    _, estimates = fm.divergence(v, x.repeat(20_000, 1), 0.5, noise)
+    assert abs(estimates.mean() - exact) < 4 * estimates.std() / math.sqrt(len(estimates))
+    assert estimates.std() > 0.01                                   # an estimate, not the trace
+
+
+def test_bits_per_dim_of_a_standard_normal_over_8_bit_pixels():
+    """The zero field leaves N(0, I) in place. A pixel k dequantised to
+    x = (k + U - 1/2) / 127.5 - 1 then costs E[-log N(x)] + ln 127.5 nats:
+    ½ ln 2π + ½ (c² + 1 / (12 · 127.5²)) + ln 127.5 with c = k / 127.5 - 1."""
+    torch.manual_seed(0)
+    k = torch.tensor([0, 40, 128, 255]).repeat(20_000)
+    pixels = k.view(-1, 1, 1, 1).to(torch.uint8)
+    bpd = fm.bits_per_dim(pixels, lambda x, t: 0 * x, 1, "euler")
+    c = k.double() / 127.5 - 1
+    nats = 0.5 * math.log(2 * math.pi) + 0.5 * (c ** 2 + 1 / (12 * 127.5 ** 2)) + math.log(127.5)
+    expected = nats / math.log(2)
+    torch.testing.assert_close(bpd.double().view(-1, 4).mean(0), expected.view(-1, 4).mean(0),
+                               atol=1e-4, rtol=0)
+
+
+def test_likelihood_prints_bits_per_dim_and_the_evaluations(run, data, capsys):
+    main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 8, "--steps", 2)
+    out = capsys.readouterr().out
+    assert 0 < float(out.split()[0]) < 100
+    assert "on 8 mnist test images" in out and "8 network evaluations" in out
+
+
+# --- 10. Checkpoints and devices -----------------------------------------------------------------
+
+def test_a_crash_while_saving_leaves_the_last_checkpoint_whole(run, tmp_path, monkeypatch):
+    ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
+    state = tiny_state()
+    state.model = fm.build_model(config, ckpt["model"])
+    state.ema = fm.build_model(config, ckpt["ema"])
+    state.step = 99
+    fm.save_run(state, config, str(tmp_path))
+    save = torch.save
+
+    def crash(obj, path):
+        save({"half": "written"}, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fm.torch, "save", crash)
+    state.step = 100
+    with pytest.raises(KeyboardInterrupt):
+        fm.save_run(state, config, str(tmp_path))
+    assert load(tmp_path / "ckpt.pt")["step"] == 99
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    """torch.load with weights_only=True: a pickle whose loading calls a function is not loaded."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    result = cli("sample", "--ckpt", tmp_path / "evil.pt", check=False)
+    assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+# --- 11. Command line ----------------------------------------------------------------------------
+
+def test_fashion_mnist_trains_and_its_checkpoint_names_it(data, tmp_path):
+    main("train", "--dataset", "fashion-mnist", "--data-dir", data, "--out", tmp_path,
+         "--steps", 2, *TINY)
+    assert load(tmp_path / "ckpt.pt")["config"]["dataset"] == "fashion-mnist"
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        fm.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ["(default 0.002)", "(default 128)", "(default 32,64,128,128)", "default 10 if",
+                    "(default runs/mnist)", "(default ./data)", "extends it"]:
+        assert default in out
+
+
+def bad_inputs(run, data, tmp):
+    """Each case: the command line, and words its one error line must hold."""
     ckpt = run / "ckpt.pt"
-    empty, folder_png, clash, partial = tmp / "empty", tmp / "folder.png", tmp / "clash", tmp / "partial"
-    for folder in (empty, folder_png, clash / "ckpt.pt", partial):
-        folder.mkdir(parents=True)
-    torch.save({k: v for k, v in load(ckpt).items() if k != "optimizer"}, partial / "ckpt.pt")
-    torch.save({k: v for k, v in load(ckpt).items() if k != "guide"}, tmp / "unguided.pt")
-    (tmp / "taken").mkdir()
+    a_file = tmp / "file"
+    a_file.write_text("")
+    (tmp / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    torch.save(torch.zeros(3), tmp / "tensor.pt")
+    for folder in ["empty", "folder.png", "clash/ckpt.pt", "taken", "partial"]:
+        (tmp / folder).mkdir(parents=True)
+    partial = {k: v for k, v in load(ckpt).items() if k != "optimizer"}
+    torch.save(partial, tmp / "partial" / "ckpt.pt")
+    torch.save(dict(load(ckpt), guide=None), tmp / "unguided.pt")
     torch.save(load(ckpt), tmp / "taken" / "ckpt.pt")
+    train = ["train", "--data-dir", data]
+    resume = [*train, "--out", run, "--resume"]
     return {
-        "missing checkpoint": ["sample", "--ckpt", tmp / "nothing.pt"],
-        "corrupt checkpoint": ["sample", "--ckpt", corrupt],
-        "not a checkpoint": ["sample", "--ckpt", not_ckpt],
-        "unknown solver": ["sample", "--ckpt", ckpt, "--solver", "heun"],
-        "label for an unconditional model": ["sample", "--ckpt", ckpt, "--label", 3],
-        "guidance for an unconditional model": ["sample", "--ckpt", ckpt, "--guidance", 2],
-        "label out of range": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 10],
-        "negative guidance": ["sample", "--ckpt", cond_run / "ckpt.pt", "--label", 1, "--guidance", -1],
-        "autoguidance without a guide": ["sample", "--ckpt", tmp / "unguided.pt", "--autoguidance", 3],
-        "negative autoguidance": ["sample", "--ckpt", ckpt, "--autoguidance", -1],
-        "trajectory not a png": ["sample", "--ckpt", ckpt, "--trajectory", tmp / "flow.jpg"],
-        "likelihood of a missing checkpoint": ["likelihood", "--ckpt", tmp / "nothing.pt"],
-        "likelihood of one image, which has no standard error": ["likelihood", "--ckpt", ckpt, "--n", 1],
-        "zero steps": ["sample", "--ckpt", ckpt, "--steps", 0],
-        "negative n": ["sample", "--ckpt", ckpt, "--n", -3],
-        "unknown output type": ["sample", "--ckpt", ckpt, "--out", tmp / "s.jpg"],
-        "unwritable output": ["sample", "--ckpt", ckpt, "--out", a_file / "s.png"],
-        "output is a folder": ["sample", "--ckpt", ckpt, "--out", folder_png],
-        "seed beyond 64 bits": ["sample", "--ckpt", ckpt, "--seed", 2 ** 64],
-        "widths not multiples of 8": ["train", "--data-dir", data, "--widths", "12,24"],
-        "zero batch size": ["train", "--data-dir", data, "--batch-size", 0],
-        "negative learning rate": ["train", "--data-dir", data, "--lr", -1e-3],
-        "text for a number": ["train", "--data-dir", data, "--steps", "many"],
-        "unwritable run folder": ["train", "--data-dir", data, "--out", a_file / "run"],
-        "ckpt.pt is a folder": ["train", "--data-dir", data, "--out", clash],
-        "resume without the optimizer state": ["train", "--data-dir", data, "--out", partial, "--resume", *TINY],
-        "data set unavailable": ["train", "--data-dir", empty, "--out", tmp / "r"],
-        "unknown data set": ["train", "--data-dir", data, "--dataset", "svhn"],
-        "cifar10 unavailable": ["train", "--data-dir", empty, "--dataset", "cifar10", "--out", tmp / "c"],
-        "resume with another data set": ["train", "--data-dir", data, "--out", run, "--resume", "--dataset", "fashion-mnist"],
-        "a new run over an existing one": ["train", "--data-dir", data, "--out", tmp / "taken", "--steps", 1, *TINY],
-        "resume without a checkpoint": ["train", "--data-dir", data, "--out", tmp / "new", "--resume"],
+        "missing checkpoint": (["sample", "--ckpt", tmp / "none.pt"], "no checkpoint at"),
+        "corrupt checkpoint": (["sample", "--ckpt", tmp / "corrupt.pt"], "not a readable"),
+        "not a checkpoint": (["sample", "--ckpt", tmp / "tensor.pt"], "not a checkpoint of"),
+        "partial checkpoint": (["sample", "--ckpt", tmp / "partial" / "ckpt.pt"],
+                               "not a checkpoint of"),
+        "unknown solver": (["sample", "--ckpt", ckpt, "--solver", "heun"], "invalid choice"),
+        "autoguidance, no guide": (["sample", "--ckpt", tmp / "unguided.pt", "--autoguidance", 3],
+                                   "holds no guide"),
+        "negative autoguidance": (["sample", "--ckpt", ckpt, "--autoguidance", -1], "non-negative"),
+        "trajectory not a png": (["sample", "--ckpt", ckpt, "--trajectory", tmp / "f.jpg"],
+                                 "must end in .png"),
+        "zero steps": (["sample", "--ckpt", ckpt, "--steps", 0], "positive integer"),
+        "negative n": (["sample", "--ckpt", ckpt, "--n", -3], "positive integer"),
+        "unknown output type": (["sample", "--ckpt", ckpt, "--out", tmp / "s.jpg"],
+                                "must end in .png or .pt"),
+        "unwritable output": (["sample", "--ckpt", ckpt, "--out", a_file / "s.png"],
+                              "writable folder"),
+        "output is a folder": (["sample", "--ckpt", ckpt, "--out", tmp / "folder.png"],
+                               "cannot write"),
+        "seed beyond 64 bits": (["sample", "--ckpt", ckpt, "--seed", 2 ** 64], "64-bit integer"),
+        "likelihood, missing checkpoint": (["likelihood", "--ckpt", tmp / "none.pt"],
+                                           "no checkpoint at"),
+        "likelihood of one image": (["likelihood", "--ckpt", ckpt, "--n", 1], "integer above 1"),
+        "widths not multiples of 8": ([*train, "--out", tmp / "w", "--widths", "12,24"],
+                                      "multiples of 8"),
+        "zero batch size": ([*train, "--out", tmp / "b", "--batch-size", 0], "positive integer"),
+        "negative learning rate": ([*train, "--out", tmp / "l", "--lr", -1e-3], "positive number"),
+        "text for a number": ([*train, "--out", tmp / "t", "--steps", "many"], "positive integer"),
+        "sigma_min of 1": ([*train, "--out", tmp / "s", "--sigma-min", 1], "[0, 1)"),
+        "unwritable run folder": ([*train, "--out", a_file / "run"], "writable folder"),
+        "ckpt.pt is a folder": ([*train, "--out", tmp / "clash"], "cannot write"),
+        "data set unavailable": (["train", "--data-dir", tmp / "empty", "--out", tmp / "r"],
+                                 "t10k-labels-idx1-ubyte.gz there"),
+        "unknown data set": ([*train, "--out", tmp / "u", "--dataset", "svhn"], "invalid choice"),
+        "a run over a run": ([*train, "--out", tmp / "taken", *TINY], "holds a run already"),
+        "resume, no run": ([*train, "--out", tmp / "new", "--resume"], "holds no run"),
+        "resume, no optimizer": ([*train, "--out", tmp / "partial", "--resume"],
+                                 "not a checkpoint of"),
+        "resume, other data set": ([*resume, "--dataset", "fashion-mnist"],
+                                   "--dataset fashion-mnist would change the run"),
+        "resume, other lr": ([*resume, "--lr", 1e-3], "--lr 0.001 would change the run"),
+        "resume, other batch": ([*resume, "--batch-size", 16], "--batch-size 16 would change"),
+        "resume, other widths": ([*resume, "--widths", "8,16"], "--widths 8,16 would change"),
+        "resume, other seed": ([*resume, "--seed", 1], "--seed 1 would change"),
+        "resume, other sigma": ([*resume, "--sigma-min", 0.1], "--sigma-min 0.1 would change"),
     }
 
 
-def test_bad_input_gives_one_line_and_exit_code_2(run, cond_run, data, tmp_path):
-    cases = bad_inputs(run, cond_run, data, tmp_path)
-    with ThreadPoolExecutor(os.cpu_count()) as pool:                  # each case is mostly importing torch
-        results = dict(zip(cases, pool.map(lambda args: cli(*args, check=False), cases.values())))
-    for what, result in results.items():
+def test_bad_input_gives_one_line_naming_the_problem_and_exit_code_2(run, data, tmp_path,
+                                                                    monkeypatch, capsys):
+    for proxy in ["http_proxy", "https_proxy"]:                     # no download
+        monkeypatch.setenv(proxy, OFFLINE[proxy])
+    for what, (args, words) in bad_inputs(run, data, tmp_path).items():
+        with pytest.raises(SystemExit) as stop:
+            main(*args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2, what
+        assert len(lines) == 1 and lines[0].startswith("error: "), (what, lines)
+        assert words in lines[0], (what, lines[0])
+    assert os.listdir(tmp_path / "empty") == []                     # failed runs leave no folders
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
+def test_bad_input_in_a_process_of_its_own_prints_one_line_and_no_traceback(run, data, tmp_path):
+    cases = [["sample", "--ckpt", tmp_path / "none.pt"], ["sample", "--steps", "many"],
+             ["train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "run"]]
+    with ThreadPoolExecutor(len(cases)) as pool:                    # each is mostly importing torch
+        results = list(pool.map(lambda args: cli(*args, check=False), cases))
+    for result in results:
+        assert result.returncode == 2 and result.stdout == ""
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+# --- 12. tools/score.py ---------------------------------------------------------------------------
+# The Fréchet distance against closed forms; the script on the squares of fake_mnist, with a
+# classifier of a tiny recipe that learns them in about a second.
+
+sys.path.insert(0, os.path.join(HERE, "tools"))
+score = importlib.import_module("score")                             # tools/ is not a package
+SCORE = os.path.join(HERE, "tools", "score.py")
+TINY_RECIPE = dict(score.RECIPE, widths=[8], features=16, epochs=6, batch_size=40, lr=2e-2)
+
+
+def float64(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def trace_of_square_root(m, iterations=50):
+    """tr M^½ by the Denman–Beavers iteration: Y → M^½ and Z → M^-½ from Y = M, Z = I."""
+    y, z = m, torch.eye(len(m), dtype=m.dtype)
+    for _ in range(iterations):
+        y, z = (y + torch.linalg.inv(z)) / 2, (z + torch.linalg.inv(y)) / 2
+    return y.trace().item()
+
+
+def test_frechet_distance_of_gaussians_with_non_commuting_covariances_matches_the_closed_form():
+    """2x2: tr (Σ1 Σ2)^½ = sqrt(tr Σ1 Σ2 + 2 sqrt(det Σ1 Σ2)); 3x3: against Denman–Beavers.
+    (tr Σ1^½ Σ2^½, right only when they commute, is 0.3% off here.)"""
+    a, b = float64([2.0, 0.9], [0.9, 1.0]), float64([1.0, -0.4], [-0.4, 3.0])
+    assert not torch.allclose(a @ b, b @ a)
+    mu1, mu2 = float64(1.0, 2.0), float64(0.5, -1.0)
+    cross = ((a @ b).trace() + 2 * torch.linalg.det(a @ b).sqrt()).sqrt()
+    expected = (mu1 - mu2).square().sum() + a.trace() + b.trace() - 2 * cross
+    assert score.frechet_distance(mu1, a, mu2, b) == pytest.approx(expected.item(), rel=1e-12)
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    a, b = p @ p.T + 0.1 * torch.eye(3), q @ q.T + 0.1 * torch.eye(3)
+    expected = a.trace() + b.trace() - 2 * trace_of_square_root(a @ b)
+    zero = torch.zeros(3)
+    assert score.frechet_distance(zero, a, zero, b) == pytest.approx(expected.item(), rel=1e-9)
+    assert score.frechet_distance(zero, b, zero, a) == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics_and_exact_for_diagonal_ones():
+    """d(N, N) = 0, also for a singular covariance (to √ε there: square roots of rounding errors);
+    diagonal covariances: |μ1 - μ2|² + Σ (√a_i - √b_i)²."""
+    g = torch.Generator().manual_seed(1)
+    for n, tolerance in [(50, 1e-12), (5, 1e-6)]:                    # 5 points in 8-d: rank 4
+        mu, cov = score.statistics(torch.randn(n, 8, generator=g, dtype=torch.float64))
+        assert 0 <= score.frechet_distance(mu, cov, mu, cov) < tolerance * cov.trace()
+    a, b = float64(1.0, 4.0, 9.0), float64(4.0, 4.0, 1.0)
+    d = score.frechet_distance(torch.ones(3), a.diag(), torch.zeros(3), b.diag())
+    assert d == pytest.approx(3 + (a.sqrt() - b.sqrt()).square().sum().item(), rel=1e-12)
+
+
+def test_statistics_are_the_mean_and_the_unbiased_covariance_in_float64():
+    """statistics(x) = (mean, Σ (x - mean)(x - mean)ᵀ / (N - 1)), in float64 from float32."""
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(2))
+    mu, cov = score.statistics(x)
+    centred = x.double() - x.double().mean(0)
+    assert mu.dtype == cov.dtype == torch.float64 and cov.shape == (4, 4)
+    torch.testing.assert_close(mu, x.double().mean(0))
+    torch.testing.assert_close(cov, centred.T @ centred / 49)
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    """Fake MNIST of 200 training and 100 test squares, and the tiny classifier trained on it."""
+    root = fake_mnist(str(tmp_path_factory.mktemp("score_data")), n_train=200, n_test=100)
+    cache = str(tmp_path_factory.mktemp("score_cache"))
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        net = score.classifier("mnist", root, cache, TINY_RECIPE)
+    images, labels = score.load_data("mnist", root, train=False)
+    return dict(root=root, cache=cache, net=net, stderr=stderr.getvalue(), labels=labels,
+                images=images.float() / 255, flags=["--data-dir", root, "--cache", cache])
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """score.main reads, or trains, the classifier of the tiny recipe."""
+    monkeypatch.setattr(score, "RECIPE", TINY_RECIPE)
+
+
+def run_score(samples, path, capsys, *flags):
+    """tools/score.py in this process on samples saved to path: its one JSON line, as a dict."""
+    torch.save(samples, path)
+    score.main([str(path), *map(str, flags)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_the_classifier_learns_the_squares_and_says_so_when_it_trains(squares):
+    """Training prints its test accuracy on stderr, one line: 100% on the squares."""
+    assert squares["stderr"].count("\n") == 1 and "100.00% test accuracy" in squares["stderr"]
+    (name,) = os.listdir(squares["cache"])
+    assert name.startswith("mnist-") and name.endswith(".pt")
+
+
+def test_real_images_score_below_noisy_ones_and_noise_far_above(squares, tmp_path, capsys, tiny):
+    """fd: the test images themselves 0 < the floor (100 training images) < noisy << noise."""
+    g = torch.Generator().manual_seed(0)
+    real = squares["images"]
+    noisy = (real + 0.3 * torch.randn(real.shape, generator=g)).clamp(0, 1)
+    noise = torch.rand(real.shape, generator=g)
+    results = [run_score(x, tmp_path / "s.pt", capsys, *squares["flags"])
+               for x in (real, noisy, noise)]
+    assert all(r.keys() == {"n", "fd", "fd_floor", "confidence", "coverage"} for r in results)
+    floor = results[0]["fd_floor"]
+    assert all(r["n"] == 100 and r["fd_floor"] == floor for r in results)   # the floor is n's
+    fd_real, fd_noisy, fd_noise = [r["fd"] for r in results]
+    assert fd_real < 1e-3 < floor < fd_noisy and 10 * fd_noisy < fd_noise
+
+
+def test_confidence_and_coverage_of_one_class_two_classes_and_all_ten(squares, tmp_path, capsys,
+                                                                      tiny):
+    """Copies of one class: coverage 0; two: log 2 / log 10; ten of each: 1; confidence near 1."""
+    images, labels = squares["images"], squares["labels"]
+    one = run_score(images[labels == 7], tmp_path / "one.pt", capsys, *squares["flags"])
+    two = run_score(images[labels < 2], tmp_path / "two.pt", capsys, *squares["flags"])
+    ten = run_score(images, tmp_path / "ten.pt", capsys, *squares["flags"])
+    assert one["n"] == 10 and one["coverage"] == 0
+    assert two["coverage"] == pytest.approx(0.30103, abs=1e-4)
+    assert ten["coverage"] == pytest.approx(1, abs=1e-4)
+    assert min(one["confidence"], two["confidence"], ten["confidence"]) > 0.9
+
+
+def test_a_second_call_reads_the_cached_classifier_instead_of_training(squares, monkeypatch):
+    """With the cache file there, train is never called and the weights are those first trained."""
+    def no_training(*args):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(score, "train", no_training)
+    net = score.classifier("mnist", squares["root"], squares["cache"], TINY_RECIPE)
+    for a, b in zip(net.state_dict().values(), squares["net"].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_cache_sits_beside_the_data_and_a_changed_recipe_trains_into_another_file(
+        squares, tmp_path, capsys, monkeypatch):
+    """No --cache: DATA_DIR/score_classifier; the same recipe and data train the same weights;
+    another recipe has another key, so it trains into a second file and leaves the first alone."""
+    root = fake_mnist(str(tmp_path / "data"), n_train=200, n_test=100)   # the same squares
+    torch.save(squares["images"], tmp_path / "s.pt")
+    for recipe in [TINY_RECIPE, dict(TINY_RECIPE, epochs=1)]:
+        monkeypatch.setattr(score, "RECIPE", recipe)
+        score.main([str(tmp_path / "s.pt"), "--data-dir", root])
+        assert "test accuracy" in capsys.readouterr().err           # it trained
+    (name,) = os.listdir(squares["cache"])
+    files = os.listdir(tmp_path / "data" / "score_classifier")
+    assert len(files) == 2 and name in files
+    again = load(tmp_path / "data" / "score_classifier" / name)
+    for a, b in zip(again.values(), load(os.path.join(squares["cache"], name)).values()):
+        assert torch.equal(a, b)
+
+
+def test_fashion_mnist_gets_its_own_classifier(squares, tmp_path, capsys, tiny):
+    """--dataset fashion-mnist reads FashionMNIST/raw and caches fashion-mnist-<key>.pt."""
+    root = fake_mnist(str(tmp_path), "FashionMNIST", n_train=200, n_test=100)
+    result = run_score(squares["images"], tmp_path / "s.pt", capsys, "--data-dir", root,
+                       "--dataset", "fashion-mnist")
+    assert result["n"] == 100 and result["coverage"] == pytest.approx(1, abs=1e-4)
+    (name,) = os.listdir(tmp_path / "score_classifier")
+    assert name == "fashion-" + os.listdir(squares["cache"])[0]     # the same recipe's key
+
+
+def bad_score_inputs(squares, tmp):
+    """what → (arguments, words of its error line); a samples file for each broken rule."""
+    good = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    contents = {"good": good, "3d": good[:, 0], "rgb": good.expand(4, 3, 28, 28).clone(),
+                "32x32": torch.rand(4, 1, 32, 32), "above 1": good * 2, "below 0": -good,
+                "nan": good.masked_fill(good > 0.5, float("nan")),
+                "inf": good.masked_fill(good > 0.5, float("inf")),
+                "bytes": (good * 255).to(torch.uint8), "one": good[:1], "none": good[:0],
+                "dict": {"samples": good}, "object": argparse.Namespace(samples=good)}
+    for name, value in contents.items():
+        torch.save(value, tmp / f"{name}.pt")
+    (tmp / "text.pt").write_text("not a tensor")
+    (tmp / "a file").write_text("")
+    data = ["--data-dir", squares["root"], "--cache", squares["cache"]]
+    return {
+        "missing file": ([tmp / "nothing.pt", *data], "No such file"),
+        "a folder": ([tmp, *data], "cannot read"),
+        "not a torch file": ([tmp / "text.pt", *data], "not a tensor file"),
+        "a dict": ([tmp / "dict.pt", *data], "holds a dict"),
+        "a pickled object": ([tmp / "object.pt", *data], "not a tensor file"),
+        "three dimensions": ([tmp / "3d.pt", *data], "(N, C, H, W)"),
+        "three channels": ([tmp / "rgb.pt", *data], "channels"),
+        "32x32 images": ([tmp / "32x32.pt", *data], "(1, 28, 28)"),
+        "values above 1": ([tmp / "above 1.pt", *data], "[0, 1]"),
+        "values below 0": ([tmp / "below 0.pt", *data], "[0, 1]"),
+        "NaN": ([tmp / "nan.pt", *data], "[0, 1]"),
+        "infinity": ([tmp / "inf.pt", *data], "[0, 1]"),
+        "bytes, not floats": ([tmp / "bytes.pt", *data], "[0, 1]"),
+        "one sample": ([tmp / "one.pt", *data], "2 samples"),
+        "no samples": ([tmp / "none.pt", *data], "2 samples"),
+        "no samples file": (data, "required"),
+        "unknown data set": ([tmp / "good.pt", *data, "--dataset", "cifar10"], "invalid choice"),
+        "unknown flag": ([tmp / "good.pt", *data, "--width", 8], "unrecognized arguments"),
+        "cache under a file": ([tmp / "good.pt", *data, "--cache", tmp / "a file" / "c"],
+                               "cannot create"),
+    }
+
+
+def test_bad_input_gives_one_error_line_and_exit_code_2(squares, tmp_path, capsys, tiny):
+    """Every bad input, in this process: exit code 2 and one line, "error: " and what is wrong."""
+    for what, (args, words) in bad_score_inputs(squares, tmp_path).items():
+        with pytest.raises(SystemExit) as raised:
+            score.main(list(map(str, args)))
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert raised.value.code == 2 and captured.out == "", what
+        assert len(lines) == 1 and lines[0].startswith("error: "), (what, lines)
+        assert words in lines[0], (what, lines)
+
+
+def score_cli(args):
+    return subprocess.run([sys.executable, SCORE, *map(str, args)], capture_output=True,
+                          text=True, env=OFFLINE, timeout=300)
+
+
+def test_the_script_gives_one_error_line_and_no_traceback(squares, tmp_path):
+    """As a command, in parallel: a data set that is not there (the line says where its files
+    go), a file torch cannot read, an unknown data set."""
+    cases = bad_score_inputs(squares, tmp_path)
+    empty = tmp_path / "empty"
+    cases = {"data set unavailable": ([tmp_path / "good.pt", "--data-dir", empty],
+                                      str(empty / "MNIST" / "raw")),
+             "not a torch file": cases["not a torch file"],
+             "unknown data set": cases["unknown data set"]}
+    with ThreadPoolExecutor(os.cpu_count()) as pool:                  # each mostly imports torch
+        results = pool.map(score_cli, [args for args, _ in cases.values()])
+    for (what, (_, words)), result in zip(cases.items(), results):
         lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2, (what, result.stderr)
+        assert result.returncode == 2 and result.stdout == "", (what, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: "), (what, result.stderr)
-        if what == "data set unavailable":                            # it names the folder and the files
-            assert str(tmp_path / "empty" / "MNIST" / "raw") in lines[0] and "t10k-labels-idx1-ubyte.gz" in lines[0]
+        assert words in lines[0], (what, lines)
