@@ -382,6 +382,7 @@ def load_model(args):
     return config, model, guide, device
 
 def write_images(images, path, nrow):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".pt"):
         torch.save(images.contiguous(), path)                       # (N, 1, 28, 28) in [0, 1]
     else:
@@ -517,8 +518,7 @@ def pick_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def use_bfloat16(device, fp32):
-    """bfloat16 autocast where the hardware computes in it: CUDA, or a CPU with AVX-512 BF16.
-    (oneDNN's own check also passes AVX-512 CPUs that only emulate it, slower than float32.)"""
+    """bfloat16 where it is native: CUDA, or AVX-512 BF16 (oneDNN also passes CPUs emulating it)."""
     if fp32:
         return False
     if device.type == "cuda":

@@ -104,6 +104,8 @@ def test_time_embedding_varies_slowly_and_quickly_across_the_unit_interval():
     t = torch.tensor([0.0, 0.5, 0.5005, 1.0])
     e = fm.time_embedding(t, 64)
     assert e.shape == (4, 64)
+    torch.testing.assert_close(e[0], torch.cat([torch.zeros(32), torch.ones(32)]))  # sin 0, cos 0
+    torch.testing.assert_close(e[1, [0, 32]], torch.tensor([math.sin(0.5), math.cos(0.5)]))
     assert (e[0] - e[3]).norm() > 4                                 # the ends of the path differ
     slow = e[:, [0, 32]]                                            # sin and cos at 1 rad per t
     assert (slow[0] - slow[3]).norm() > 0.9                         # |(sin 1, cos 1) - (0, 1)|
@@ -356,11 +358,22 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert fm.learning_rate(1.0, 99, 1.0, warmup=10) == 0.0
 
 
-def test_ema_follows_the_weights_with_its_decay():
+def test_ema_follows_the_weights_with_its_decay_and_a_short_memory_while_young():
+    """e ← d e + (1 - d) p with d = min(decay, (1 + step) / (10 + step)): 1/10 at step 0."""
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    before = b.weight.detach().clone()
-    fm.ema_update(b, a, step=10_000, decay=0.9)
-    torch.testing.assert_close(b.weight, 0.9 * before + 0.1 * a.weight.detach())
+    for step, decay in [(10_000, 0.9), (0, 0.1)]:
+        before = b.weight.detach().clone()
+        fm.ema_update(b, a, step=step, decay=0.9)
+        torch.testing.assert_close(b.weight, decay * before + (1 - decay) * a.weight.detach())
+
+
+def test_a_training_step_clips_the_gradient_norm_to_1():
+    """Targets a thousand times too large: the gradient the step used has norm 1."""
+    state = tiny_state()
+    x0, x1, t = fm.draw_batch(torch.full((2, 1, 8, 8), 255, dtype=torch.uint8), 16)
+    fm.train_step(state, (x0, 1000 * x1, t), 1e-3, sigma_min=0.0, bf16=False)
+    norm = torch.cat([p.grad.flatten() for p in state.model.parameters()]).norm()
+    assert norm == pytest.approx(1.0, rel=1e-4)
 
 
 def test_the_guide_is_the_ema_after_the_step_that_starts_a_quarter_of_the_way_in(
@@ -487,12 +500,14 @@ def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path
     assert a.shape == (6, 1, 28, 28) and a.dtype == torch.float32
     assert 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
+    main(*base, "--out", tmp_path / "two.pt", "--autoguidance", 2)
+    assert torch.equal(a, load(tmp_path / "two.pt"))                # the default weight is 2
     main(*base, "--out", tmp_path / "alone.pt", "--autoguidance", 1, "--solver", "euler")
     assert "3 evaluations of v x 1 networks = 3 network evaluations" in capsys.readouterr().out
     assert not torch.equal(a, load(tmp_path / "alone.pt"))
-    main(*base, "--out", tmp_path / "grid.png")
+    main(*base, "--out", tmp_path / "new" / "grid.png")             # the folder is made
     from torchvision.io import read_image
-    assert read_image(str(tmp_path / "grid.png")).shape[1:] == (2 + 2 * 30, 2 + 3 * 30)
+    assert read_image(str(tmp_path / "new" / "grid.png")).shape[1:] == (2 + 2 * 30, 2 + 3 * 30)
 
 
 def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run, tmp_path,
