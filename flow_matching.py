@@ -310,7 +310,7 @@ def run_steps(state, config, next_batch, bf16, out):
         if not math.isfinite(loss):
             die(f"the loss is {loss} at step {state.step} (try a lower --lr); ckpt.pt, "
                 "if there is one, is from the last save")
-        if state.step % 100 == 0 or state.elapsed - last_line >= 30:
+        if state.step == start[0] + 10 or state.elapsed - last_line >= 30:  # soon, then each 30 s
             print(log_line(state, config.batch_size, loss, start, max_steps, max_seconds))
             last_line = state.elapsed
         if state.step % config.save_every == 0:

@@ -403,15 +403,16 @@ def test_the_learning_rate_decays_over_the_minutes_when_they_run_out_first(data,
     assert ckpt["optimizer"]["param_groups"][0]["lr"] < 0.5 * over_the_steps
 
 
-def test_progress_is_printed_every_100_steps_and_every_30_seconds(data, tmp_path, monkeypatch,
-                                                                   capsys):
-    """A clock that moves 20 s per reading: a line every other step, as well as at step 100."""
-    readings = iter(range(0, 10 ** 6, 20))
+@pytest.mark.parametrize("seconds, expected", [(1, [10, 40]), (20, [2, 4, 6, 8, 10, 12, 14])])
+def test_progress_is_printed_after_10_steps_then_every_30_seconds(seconds, expected, data,
+                                                                  tmp_path, monkeypatch, capsys):
+    """A clock that moves `seconds` per step: a line at step 10, and whenever 30 s have passed."""
+    readings = iter(range(0, 10 ** 6, seconds))
     monkeypatch.setattr(fm.time, "perf_counter", lambda: next(readings))
-    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 8, *TINY)
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", max(expected), *TINY)
     steps = [int(line.split()[1]) for line in capsys.readouterr().out.splitlines()
              if line.startswith("step ") and "loss" in line]
-    assert steps == [2, 4, 6, 8]
+    assert steps == expected
 
 
 def test_bfloat16_autocast_only_on_cpus_with_avx512_bf16_and_not_with_fp32(data, tmp_path,
