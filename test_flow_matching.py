@@ -36,6 +36,14 @@ def randomize(model, seed=0):
     return model
 
 
+def read_png(path):
+    """A PNG's pixels as a uint8 tensor (C, H, W)."""
+    from PIL import Image                                           # torchvision's own dependency
+    from torchvision.transforms.functional import pil_to_tensor
+    with Image.open(path) as image:
+        return pil_to_tensor(image)
+
+
 def write_idx(path, array):
     """torchvision's on-disk MNIST format: a magic number (8 = unsigned bytes, then the number of
     dimensions), each dimension as a big-endian int32, then the bytes."""
@@ -479,6 +487,13 @@ def test_resume_keeps_the_run_settings_and_its_clock(data, tmp_path):
     assert load(tmp_path / "ckpt.pt")["step"] == 4                  # the hour was already spent
 
 
+def test_a_new_run_takes_the_flags_given_over_the_defaults_and_10_minutes_without_a_budget():
+    config, ckpt = fm.run_config(argparse.Namespace(resume=False, lr=1e-3))
+    assert ckpt is None and config == fm.RunConfig(lr=1e-3, minutes=10.0)
+    config, _ = fm.run_config(argparse.Namespace(resume=False, steps=5))
+    assert (config.steps, config.minutes) == (5, None)              # --steps alone: no clock limit
+
+
 # --- 8. Sampling, with autoguidance --------------------------------------------------------------
 
 def test_train_writes_a_checkpoint_with_its_settings_and_sample_grids(run):
@@ -489,6 +504,29 @@ def test_train_writes_a_checkpoint_with_its_settings_and_sample_grids(run):
     assert (config.dataset, config.lr, config.sigma_min) == ("mnist", 2e-3, 0.0)
     assert (run / "samples_000006.png").exists() and (run / "samples_000012.png").exists()
     assert not (run / "ckpt.pt.tmp").exists()
+
+
+def test_the_last_grid_is_drawn_by_the_moving_average_alone(run, tmp_path):
+    """RK4 in 5 steps, from the noises of seed 0, by the EMA of the checkpoint, no autoguidance."""
+    ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
+    ema = fm.build_model(config, ckpt["ema"])
+    noise = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    expected = fm.generate(fm.guided_field(ema), noise, 5, "rk4")
+    fm.save_image(expected, tmp_path / "expected.png", nrow=8)
+    assert torch.equal(read_png(run / "samples_000012.png"),
+                       read_png(tmp_path / "expected.png"))
+
+
+def test_train_follows_the_path_of_its_sigma_min(data, tmp_path, monkeypatch):
+    sigmas, loss = [], fm.cfm_loss
+
+    def recorded(model, x0, x1, t, sigma_min):
+        sigmas.append(sigma_min)
+        return loss(model, x0, x1, t, sigma_min)
+
+    monkeypatch.setattr(fm, "cfm_loss", recorded)
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 2, "--sigma-min", 0.25, *TINY)
+    assert sigmas == [0.25, 0.25]
 
 
 def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path, capsys):
@@ -507,8 +545,7 @@ def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path
     assert "3 evaluations of v x 1 networks = 3 network evaluations" in capsys.readouterr().out
     assert not torch.equal(a, load(tmp_path / "alone.pt"))
     main(*base, "--out", tmp_path / "new" / "grid.png")             # the folder is made
-    from torchvision.io import read_image
-    assert read_image(str(tmp_path / "new" / "grid.png")).shape[1:] == (2 + 2 * 30, 2 + 3 * 30)
+    assert read_png(tmp_path / "new" / "grid.png").shape[1:] == (2 + 2 * 30, 2 + 3 * 30)
 
 
 def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run, tmp_path,
@@ -520,6 +557,17 @@ def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run
     main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2)
     assert sorted(os.listdir(tmp_path)) == ["flow.png", "samples.png"]
     assert "wrote samples.png" in capsys.readouterr().out
+
+
+def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise(run, tmp_path):
+    """sample --seed 3 = generate(guided_field(EMA, guide, 2)) from randn with generator seed 3."""
+    main("sample", "--ckpt", run / "ckpt.pt", "--n", 5, "--steps", 2, "--seed", 3,
+         "--out", tmp_path / "s.pt")
+    ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
+    ema, guide = fm.build_model(config, ckpt["ema"]), fm.build_model(config, ckpt["guide"])
+    noise = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    expected = fm.generate(fm.guided_field(ema, guide, 2.0), noise, 2, "rk4")
+    torch.testing.assert_close(load(tmp_path / "s.pt"), expected, atol=1e-6, rtol=0)
 
 
 class Constant(torch.nn.Module):
@@ -545,10 +593,9 @@ def test_autoguidance_mixes_the_network_and_its_guide(w, expected, passes):
 
 def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
     """Its first column is the noise at t=0 and its last the samples, as --out has them."""
-    from torchvision.io import read_image
     main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2, "--out", tmp_path / "s.png",
          "--trajectory", tmp_path / "flow.png")
-    samples, flow = read_image(str(tmp_path / "s.png")), read_image(str(tmp_path / "flow.png"))
+    samples, flow = read_png(tmp_path / "s.png"), read_png(tmp_path / "flow.png")
     noise = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     first = fm.to_unit_scale(noise[0]).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
     assert torch.equal(flow[0, 2:30, 2:30], first[0])
@@ -710,6 +757,8 @@ def bad_inputs(run, data, tmp):
                                       "multiples of 8"),
         "zero batch size": ([*train, "--out", tmp / "b", "--batch-size", 0], "positive integer"),
         "negative learning rate": ([*train, "--out", tmp / "l", "--lr", -1e-3], "positive number"),
+        "zero minutes": ([*train, "--out", tmp / "m", "--minutes", 0, "--steps", 1, *TINY],
+                         "positive number"),
         "text for a number": ([*train, "--out", tmp / "t", "--steps", "many"], "positive integer"),
         "sigma_min of 1": ([*train, "--out", tmp / "s", "--sigma-min", 1], "[0, 1)"),
         "unwritable run folder": ([*train, "--out", a_file / "run"], "writable folder"),
@@ -717,7 +766,8 @@ def bad_inputs(run, data, tmp):
         "data set unavailable": (["train", "--data-dir", tmp / "empty", "--out", tmp / "r"],
                                  "t10k-labels-idx1-ubyte.gz there"),
         "unknown data set": ([*train, "--out", tmp / "u", "--dataset", "svhn"], "invalid choice"),
-        "a run over a run": ([*train, "--out", tmp / "taken", *TINY], "holds a run already"),
+        "a run over a run": ([*train, "--out", tmp / "taken", "--steps", 1, *TINY],
+                             "holds a run already"),
         "resume, no run": ([*train, "--out", tmp / "new", "--resume"], "holds no run"),
         "resume, no optimizer": ([*train, "--out", tmp / "partial", "--resume"],
                                  "not a checkpoint of"),
