@@ -560,14 +560,15 @@ def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run
 
 
 def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise(run, tmp_path):
-    """sample --seed 3 = generate(guided_field(EMA, guide, 2)) from randn with generator seed 3."""
-    main("sample", "--ckpt", run / "ckpt.pt", "--n", 5, "--steps", 2, "--seed", 3,
+    """sample --seed 3 = generate(guided_field(EMA, guide, 2)) from randn with generator seed 3,
+    every sample from its own noise, past the first 128 (sample draws 128 at a time) too."""
+    main("sample", "--ckpt", run / "ckpt.pt", "--n", 130, "--steps", 2, "--seed", 3,
          "--out", tmp_path / "s.pt")
     ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
     ema, guide = fm.build_model(config, ckpt["ema"]), fm.build_model(config, ckpt["guide"])
-    noise = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(130, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     expected = fm.generate(fm.guided_field(ema, guide, 2.0), noise, 2, "rk4")
-    torch.testing.assert_close(load(tmp_path / "s.pt"), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(load(tmp_path / "s.pt"), expected, atol=1e-5, rtol=0)
 
 
 class Constant(torch.nn.Module):
@@ -592,7 +593,8 @@ def test_autoguidance_mixes_the_network_and_its_guide(w, expected, passes):
 
 
 def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
-    """Its first column is the noise at t=0 and its last the samples, as --out has them."""
+    """A row per sample: its first column is the noise at t=0 and its last the sample, as --out
+    has it."""
     main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2, "--out", tmp_path / "s.png",
          "--trajectory", tmp_path / "flow.png")
     samples, flow = read_png(tmp_path / "s.png"), read_png(tmp_path / "flow.png")
@@ -600,6 +602,7 @@ def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
     first = fm.to_unit_scale(noise[0]).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
     assert torch.equal(flow[0, 2:30, 2:30], first[0])
     assert torch.equal(flow[:, 2:30, 2 + 2 * 30:30 * 3], samples[:, 2:30, 2:30])
+    assert flow.shape[1:] == (2 + 8 * 30, 2 + 3 * 30)              # 8 samples, x_0, x_0.5, x_1
 
 
 # --- 9. Likelihood -------------------------------------------------------------------------------
@@ -661,6 +664,24 @@ def test_likelihood_prints_bits_per_dim_and_the_evaluations(run, data, capsys):
     out = capsys.readouterr().out
     assert 0 < float(out.split()[0]) < 100
     assert "on 8 mnist test images" in out and "8 network evaluations" in out
+
+
+def test_likelihood_repeats_with_its_seed(run, data, monkeypatch):
+    """--seed picks the images, and the random state that draws their dequantisation noise and
+    random signs."""
+    calls, bits_per_dim = [], fm.bits_per_dim
+
+    def recorded(pixels, v, steps, solver):
+        calls.append((pixels.clone(), torch.get_rng_state()))
+        return bits_per_dim(pixels, v, steps, solver)
+
+    monkeypatch.setattr(fm, "bits_per_dim", recorded)
+    for seed in (1, 1, 2):
+        main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 4, "--steps", 1,
+             "--seed", seed)
+    (pixels, state), again, other = calls
+    assert torch.equal(pixels, again[0]) and torch.equal(state, again[1])
+    assert not torch.equal(pixels, other[0]) and not torch.equal(state, other[1])
 
 
 # --- 10. Checkpoints and devices -----------------------------------------------------------------
