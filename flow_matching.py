@@ -212,7 +212,7 @@ def generate(v, noise, steps, solver, trajectory=None):
     return to_unit_scale(integrate(v, noise, steps, solver, trajectory=trajectory))
 
 # --- 7. Training ----------------------------------------------------------------------------------
-# AdamW on L_CFM with gradient clipping; the learning rate warms up, then decays linearly to zero
+# Adam on L_CFM with gradient clipping; the learning rate warms up, then decays linearly to zero
 # over the run's budget. Samples come from an exponential moving average (EMA) of the weights.
 @dataclass
 class RunConfig:
@@ -221,7 +221,7 @@ class RunConfig:
     dataset: str = "mnist"                  # a key of DATASETS
     widths: tuple = (32, 64, 128, 128)      # U-Net channels at each resolution, from the top
     sigma_min: float = 0.0                  # noise left at t=1 on the OT path
-    lr: float = 2e-3                        # peak learning rate of AdamW
+    lr: float = 2e-3                        # peak learning rate of Adam
     batch_size: int = 128                   # images per optimizer step
     seed: int = 0                           # the same seed trains the same weights
     steps: int = None                       # stop after this many optimizer steps in all,
@@ -251,7 +251,7 @@ def ema_update(ema, model, step, decay=0.999):
         e.lerp_(p, 1 - decay)                                       # e ← decay e + (1 - decay) p
 
 def train_step(state, batch, lr, sigma_min, bf16):
-    """One AdamW step on L_CFM, then the EMA's; returns the loss."""
+    """One Adam step on L_CFM, then the EMA's; returns the loss."""
     for group in state.opt.param_groups:
         group["lr"] = lr
     x0, x1, t = batch
@@ -271,7 +271,7 @@ def train(args):
     torch.manual_seed(config.seed)
     images = load_images(config.dataset, args.data_dir)
     model = build_model(config, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     state = TrainState(model, copy.deepcopy(model).requires_grad_(False), opt)
     if ckpt is not None:
         restore(state, ckpt)
@@ -308,10 +308,10 @@ def run_steps(state, config, next_batch, bf16, out):
         if state.guide is None and progress >= 0.25:                # autoguidance's guide
             state.guide = copy.deepcopy(state.ema.state_dict())
         if not math.isfinite(loss):
-            die(f"the loss is {loss} at step {state.step} (try a lower --lr); ckpt.pt, "
-                "if there is one, is from the last save")
+            die(f"the loss is {loss} at step {state.step}: try a lower --lr (ckpt.pt: last save)")
         if state.step == start[0] + 10 or state.elapsed - last_line >= 30:  # soon, then each 30 s
-            print(log_line(state, config.batch_size, loss, start, max_steps, max_seconds))
+            line = log_line(state, config.batch_size, loss, start, max_steps, max_seconds)
+            print(line, flush=True)
             last_line = state.elapsed
         if state.step % config.save_every == 0:
             save_run(state, config, out)
@@ -357,7 +357,7 @@ def sample(args):
     images = []
     v = guided_field(model, guide, autoguidance)
     for first in range(0, args.n, 128):                             # 128 at a time stay in cache
-        trajectory = [] if first == 0 else None
+        trajectory = [] if first == 0 and args.trajectory else None
         images.append(generate(v, noise[first:first + 128], args.steps, args.solver, trajectory))
         frames += [x[:8] for x in trajectory or []]
     evaluations = args.steps * EVALUATIONS_PER_STEP[args.solver]
@@ -474,7 +474,7 @@ def load_checkpoint(path):
     return ckpt, RunConfig(**ckpt["config"])
 
 def restore(state, ckpt):
-    """Where the checkpoint stopped, random generator included: a resumed run draws the batches."""
+    """Where the checkpoint stopped, random state included, so the batches go on as they would."""
     state.model.load_state_dict(ckpt["model"])
     state.ema.load_state_dict(ckpt["ema"])
     state.opt.load_state_dict(ckpt["optimizer"])
@@ -493,18 +493,18 @@ def run_config(args):
         return RunConfig(**given), None
     ckpt, stored = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
     for name, value in given.items():
+        flag = "--" + name.replace("_", "-")
         if name not in EXTENDABLE and value != getattr(stored, name):
-            die(f"{as_flag(name, value)} would change the run in {args.out}, trained with "
-                f"{as_flag(name, getattr(stored, name))}: --resume continues a run as set up")
+            die(f"{flag} {shown(value)} would change the run in {args.out}, trained with "
+                f"{flag} {shown(getattr(stored, name))}: --resume continues a run as set up")
     extended = {name: value for name, value in given.items() if name in EXTENDABLE}
+    if "steps" in extended or "minutes" in extended:                # a new budget replaces the old
+        extended = {"steps": None, "minutes": None, **extended}
     return replace(stored, **extended), ckpt
 
-def as_flag(name, value):
-    """A RunConfig setting as it reads on the command line."""
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, tuple):
-        value = ",".join(map(str, value))
-    return f"{flag} {value}"
+def shown(value):
+    """A setting's value as it reads on the command line: widths as 32,64,128,128."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 def build_model(config, state=None, device="cpu"):
     """The network a config describes, with the weights `state` if given."""
@@ -514,16 +514,16 @@ def build_model(config, state=None, device="cpu"):
     return model.to(device, memory_format=torch.channels_last)
 
 def pick_device():
-    """A GPU if there is one (CUDA_VISIBLE_DEVICES= hides it), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def use_bfloat16(device, fp32):
-    """bfloat16 where it is native: CUDA, or AVX-512 BF16 (oneDNN also passes CPUs emulating it)."""
+    """bfloat16 where it is native: CUDA, or a CPU with AVX-512 BF16; float32 elsewhere."""
     if fp32:
         return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported()
+    detect = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private; older torch lacks it
+    return torch.backends.mkldnn.is_available() and detect is not None and detect()
 
 def catch_stop_signals():
     """A list that Ctrl-C and SIGTERM append to instead of killing the run, which then saves."""
@@ -558,14 +558,14 @@ class Parser(argparse.ArgumentParser):
 def config_flag(parser, name, help, **kwargs):
     """A train flag for RunConfig's `name`; absent from args unless given, for --resume to see."""
     default = getattr(RunConfig, name)
-    if default is not None and not isinstance(default, bool):
-        help += f" (default {as_flag(name, default).split()[1]})"
+    if default is not None:
+        help += f" (default {shown(default)})"
     flag = "--" + name.replace("_", "-")
     parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help, **kwargs)
 
-TRAIN_NOTE = """A run stops at --steps or --minutes, whichever comes first, and its learning rate
-decays to zero there. --resume continues the run in --out with the settings it was started with;
-a larger --steps or --minutes extends it, and the decay then stretches to the new end."""
+TRAIN_NOTE = """A run stops at --steps or --minutes, whichever comes first; its learning rate
+decays to zero there. --resume continues the run in --out as it was set up, and a --steps or
+--minutes given with it replaces the budget: the decay then stretches to the new end."""
 
 def train_flags(parser):
     config_flag(parser, "dataset", "torchvision data set", choices=sorted(DATASETS))
@@ -573,7 +573,7 @@ def train_flags(parser):
     config_flag(parser, "minutes", "stop after this many minutes of training in all "
                 "(default 10 if --steps is not given)", type=POSITIVE)
     config_flag(parser, "batch_size", "images per optimizer step", type=COUNT)
-    config_flag(parser, "lr", "peak learning rate of AdamW", type=POSITIVE)
+    config_flag(parser, "lr", "peak learning rate of Adam", type=POSITIVE)
     config_flag(parser, "widths", "U-Net channels per resolution, from the top", type=WIDTHS)
     config_flag(parser, "sigma_min", "noise left at t=1 on the OT path", type=FRACTION)
     config_flag(parser, "seed", "the same seed trains the same weights", type=SEED)
@@ -588,8 +588,8 @@ def sample_flags(parser):
     parser.add_argument("--n", type=COUNT, default=64, help="samples (default %(default)s)")
     parser.add_argument("--out", help=".png for a grid, .pt for a tensor (N, 1, 28, 28) in [0, 1] "
                         "(default samples.png, unless --trajectory is all that is asked)")
-    parser.add_argument("--autoguidance", type=WEIGHT,
-                        help="autoguidance weight; 1 is the network alone (default 2)")
+    parser.add_argument("--autoguidance", type=WEIGHT, metavar="WEIGHT",
+                        help="1 is the network alone (default 2, or 1 for a run without a guide)")
     parser.add_argument("--trajectory", help="also save x_t from noise to image for 8 samples, "
                         "a row each, to this .png")
 
@@ -603,7 +603,7 @@ def parse_args(argv=None):
     reader.add_argument("--ckpt", required=True, help="checkpoint written by train")
     reader.add_argument("--solver", default="rk4", choices=sorted(SOLVERS),
                         help="ODE solver (default %(default)s)")
-    reader.add_argument("--seed", type=SEED, default=0, help="the same seed, the same noise")
+    reader.add_argument("--seed", type=SEED, default=0, help="same seed, same draws (default 0)")
     train_flags(commands.add_parser("train", parents=[data], description=TRAIN_NOTE,
                                     help="train a velocity network"))
     sample_flags(commands.add_parser("sample", parents=[reader], help="draw samples"))
@@ -619,7 +619,7 @@ def check_outputs(args):
     """Fail now, not after the work, when an output cannot be written."""
     if args.command == "train":
         ckpt = os.path.join(args.out, "ckpt.pt")
-        check_writable(ckpt, ".pt")
+        check_writable(ckpt, (".pt",))
         if args.resume and not os.path.exists(ckpt):
             die(f"--resume: {args.out} holds no run to continue (no ckpt.pt)")
         if not args.resume and os.path.exists(ckpt):

@@ -487,6 +487,18 @@ def test_resume_keeps_the_run_settings_and_its_clock(data, tmp_path):
     assert load(tmp_path / "ckpt.pt")["step"] == 4                  # the hour was already spent
 
 
+def test_a_budget_given_with_resume_replaces_the_runs_budget(data, tmp_path):
+    """--steps or --minutes with --resume is the whole new budget; neither keeps the run's own."""
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 1, "--minutes", 60, *TINY)
+    given = dict(resume=True, out=str(tmp_path))
+    config, _ = fm.run_config(argparse.Namespace(**given, steps=3))
+    assert (config.steps, config.minutes) == (3, None)
+    config, _ = fm.run_config(argparse.Namespace(**given, minutes=5.0))
+    assert (config.steps, config.minutes) == (None, 5.0)
+    config, _ = fm.run_config(argparse.Namespace(**given))
+    assert (config.steps, config.minutes) == (1, 60.0)
+
+
 def test_a_new_run_takes_the_flags_given_over_the_defaults_and_10_minutes_without_a_budget():
     config, ckpt = fm.run_config(argparse.Namespace(resume=False, lr=1e-3))
     assert ckpt is None and config == fm.RunConfig(lr=1e-3, minutes=10.0)
@@ -731,7 +743,12 @@ def test_help_shows_the_defaults(capsys):
         fm.main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     for default in ["(default 0.002)", "(default 128)", "(default 32,64,128,128)", "default 10 if",
-                    "(default runs/mnist)", "(default ./data)", "extends it"]:
+                    "(default runs/mnist)", "(default ./data)", "replaces the budget"]:
+        assert default in out
+    with pytest.raises(SystemExit):
+        fm.main(["sample", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ["(default 5)", "(default 64)", "(default rk4)", "(default 0)", "(default 2"]:
         assert default in out
 
 
@@ -782,7 +799,8 @@ def bad_inputs(run, data, tmp):
                          "positive number"),
         "text for a number": ([*train, "--out", tmp / "t", "--steps", "many"], "positive integer"),
         "sigma_min of 1": ([*train, "--out", tmp / "s", "--sigma-min", 1], "[0, 1)"),
-        "unwritable run folder": ([*train, "--out", a_file / "run"], "writable folder"),
+        "unwritable run folder": ([*train, "--out", a_file / "run"],
+                                  "end in .pt, in a writable folder"),
         "ckpt.pt is a folder": ([*train, "--out", tmp / "clash"], "cannot write"),
         "data set unavailable": (["train", "--data-dir", tmp / "empty", "--out", tmp / "r"],
                                  "t10k-labels-idx1-ubyte.gz there"),
