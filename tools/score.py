@@ -41,11 +41,6 @@ RECIPE = {
 }
 CHANNELS_LAST = torch.channels_last  # (N, H, W, C) in memory: faster convolutions on the CPU
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line and exit code 2, like every bad input."""
-        flow_matching.die(message)
-
 def load_data(dataset, data_dir, train):
     """uint8 images (N, C, H, W) and their labels. flow_matching's loader downloads the files if it
     can, and otherwise exits with a line saying where they go; the labels come from torchvision."""
@@ -180,9 +175,10 @@ def score(net, samples, test_images, train_images):
 
 def main(argv=None):
     """Check the samples before any work, then score them: one JSON line on stdout."""
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flow_matching.Parser(description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help="a .pt file holding a float tensor (N, C, H, W) in [0, 1]")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"],
+    p.add_argument("--dataset", default="mnist", choices=sorted(flow_matching.DATASETS),
                    help="the data set the samples imitate (default mnist)")
     p.add_argument("--data-dir", default="./data", help="folder the data set is read from")
     p.add_argument("--cache", help="folder of the classifier (default: DATA_DIR/score_classifier)")
