@@ -83,10 +83,10 @@ class VelocityNet(nn.Module):
             nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(1, widths[0], 3, padding=1)
         above = [widths[0]] + list(widths[:-1])                     # each level's input width
-        self.down = nn.ModuleList(ResBlock(a, w, emb_dim) for a, w in zip(above, widths))
-        self.pool = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for w in widths[:-1])
+        self.down = nn.ModuleList(ResBlock(c_in, c, emb_dim) for c_in, c in zip(above, widths))
+        self.pool = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in widths[:-1])
         self.mid = ResBlock(widths[-1], widths[-1], emb_dim)
-        self.up = nn.ModuleList(ResBlock(2 * w, a, emb_dim) for a, w in zip(above, widths))
+        self.up = nn.ModuleList(ResBlock(2 * c, c_in, emb_dim) for c_in, c in zip(above, widths))
         self.head = nn.Sequential(
             nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 1, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
@@ -548,8 +548,8 @@ COUNT = checked(int, lambda n: n > 0, "positive integer")
 POSITIVE = checked(float, lambda x: 0 < x < math.inf, "positive number")
 WEIGHT = checked(float, lambda x: 0 <= x < math.inf, "non-negative number")
 FRACTION = checked(float, lambda x: 0 <= x < 1, "number in [0, 1)")
-WIDTHS = checked(lambda text: tuple(int(w) for w in text.split(",")),
-                 lambda widths: all(w > 0 and w % 8 == 0 for w in widths), "list of multiples of 8")
+WIDTHS = checked(lambda text: tuple(int(c) for c in text.split(",")),
+                 lambda widths: all(c > 0 and c % 8 == 0 for c in widths), "list of multiples of 8")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                       # one line and exit code 2
