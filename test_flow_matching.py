@@ -571,16 +571,25 @@ def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run
     assert "wrote samples.png" in capsys.readouterr().out
 
 
-def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise(run, tmp_path):
+@pytest.mark.parametrize("native, flags, bf16", [(False, [], False), (True, [], True),
+                                                  (True, ["--fp32"], False)])
+def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise(
+        native, flags, bf16, run, tmp_path, monkeypatch):
     """sample --seed 3 = generate(guided_field(EMA, guide, 2)) from randn with generator seed 3,
-    every sample from its own noise, past the first 128 (sample draws 128 at a time) too."""
+    every sample from its own noise, past the first 128 (sample draws 128 at a time) too; the
+    networks run under bfloat16 autocast where train's do: on CPUs with AVX-512 BF16, not --fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
     main("sample", "--ckpt", run / "ckpt.pt", "--n", 130, "--steps", 2, "--seed", 3,
-         "--out", tmp_path / "s.pt")
+         "--out", tmp_path / "s.pt", *flags)
     ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
     ema, guide = fm.build_model(config, ckpt["ema"]), fm.build_model(config, ckpt["guide"])
     noise = torch.randn(130, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    expected = fm.generate(fm.guided_field(ema, guide, 2.0), noise, 2, "rk4")
-    torch.testing.assert_close(load(tmp_path / "s.pt"), expected, atol=1e-5, rtol=0)
+    expected = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            expected[autocast] = fm.generate(fm.guided_field(ema, guide, 2.0), noise, 2, "rk4")
+    assert (expected[True] - expected[False]).abs().max() > 1e-4   # 10x the tolerance below
+    torch.testing.assert_close(load(tmp_path / "s.pt"), expected[bf16], atol=1e-5, rtol=0)
 
 
 class Constant(torch.nn.Module):
