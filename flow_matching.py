@@ -383,7 +383,7 @@ def load_model(args):
 def write_images(images, path, nrow):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".pt"):
-        torch.save(images.contiguous(), path)                       # (N, 1, 28, 28) in [0, 1]
+        torch.save(images, path)                                    # (N, 1, 28, 28) in [0, 1]
     else:
         save_image(images, path, nrow=nrow)
     print(f"wrote {path}")
