@@ -68,7 +68,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         nn.init.zeros_(self.conv2.weight)                           # the branch starts at 0
 
-    # Tensors stay NCHW: PyTorch's GroupNorm on channels_last CPU tensors is 2-6x slower.
+    # Tensors stay NCHW: PyTorch's GroupNorm on channels_last CPU tensors is up to 6x slower.
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
