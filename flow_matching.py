@@ -579,8 +579,6 @@ def train_flags(parser):
     config_flag(parser, "save_every", "save ckpt.pt and a grid every this many steps", type=COUNT)
     parser.add_argument("--out", default="runs/mnist", help="run folder (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--fp32", action="store_true",
-                        help="no bfloat16 autocast (on by itself on CUDA and AVX-512 BF16 CPUs)")
 
 def sample_flags(parser):
     parser.add_argument("--steps", type=COUNT, default=5, help="solver steps (default %(default)s)")
@@ -591,7 +589,6 @@ def sample_flags(parser):
                         help="1 is the network alone (default 2, or 1 for a run without a guide)")
     parser.add_argument("--trajectory", help="also save x_t from noise to image for 8 samples, "
                         "a row each, to this .png")
-    parser.add_argument("--fp32", action="store_true", help="no bfloat16 autocast (as in train)")
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -604,9 +601,12 @@ def parse_args(argv=None):
     reader.add_argument("--solver", default="rk4", choices=sorted(SOLVERS),
                         help="ODE solver (default %(default)s)")
     reader.add_argument("--seed", type=SEED, default=0, help="same seed, same draws (default 0)")
-    train_flags(commands.add_parser("train", parents=[data], description=TRAIN_NOTE,
+    precision = Parser(add_help=False)                              # train's and sample's
+    precision.add_argument("--fp32", action="store_true",
+                           help="no bfloat16 autocast (on by itself on CUDA and AVX-512 BF16 CPUs)")
+    train_flags(commands.add_parser("train", parents=[data, precision], description=TRAIN_NOTE,
                                     help="train a velocity network"))
-    sample_flags(commands.add_parser("sample", parents=[reader], help="draw samples"))
+    sample_flags(commands.add_parser("sample", parents=[reader, precision], help="draw samples"))
     lk = commands.add_parser("likelihood", parents=[data, reader], help="bits/dim")
     lk.add_argument("--n", type=checked(int, lambda n: n > 1, "integer above 1"), default=1000,
                     help="test images, 2 or more for the ±, a standard error (default %(default)s)")
