@@ -292,6 +292,9 @@ class Recorded:
         return self.f(x, t)
 
 
+EVALUATIONS_PER_STEP = {"euler": 1, "rk4": 4}
+
+
 @pytest.mark.parametrize("solver,order", [("euler", 1), ("rk4", 4)])
 def test_solvers_converge_at_their_order(solver, order):
     """dx/dt = x cos t has x(1) = x(0) e^{sin 1}; halving h divides the error by 2^order."""
@@ -302,7 +305,7 @@ def test_solvers_converge_at_their_order(solver, order):
     for n in steps:
         v = Recorded(lambda x, t: x * math.cos(t))
         x1 = fm.integrate(v, x0, n, solver)
-        assert len(v.times) == n * fm.EVALUATIONS_PER_STEP[solver]
+        assert len(v.times) == n * EVALUATIONS_PER_STEP[solver]
         errors.append((x1 - exact).abs().max().item())
     slope = -math.log(errors[-1] / errors[0]) / math.log(steps[-1] / steps[0])
     assert slope == pytest.approx(order, abs=0.3)
@@ -317,7 +320,7 @@ def test_steps_follow_the_grid_and_end_at_t1(solver, t0, t1):
     x1 = fm.integrate(v, torch.zeros(1, dtype=torch.float64), n, solver, t0=t0, t1=t1)
     s = torch.arange(n + 1, dtype=torch.float64) / n
     grid = t0 + (t1 - t0) * (s - a * torch.sin(2 * math.pi * s) / (2 * math.pi))
-    starts = v.times[::fm.EVALUATIONS_PER_STEP[solver]]             # where integrate's steps start
+    starts = v.times[::EVALUATIONS_PER_STEP[solver]]             # where integrate's steps start
     used = torch.tensor(starts + [t1], dtype=torch.float64)
     torch.testing.assert_close(used, grid)
     torch.testing.assert_close(x1, torch.tensor([t1 - t0], dtype=torch.float64))
@@ -544,7 +547,8 @@ def test_train_follows_the_path_of_its_sigma_min(data, tmp_path, monkeypatch):
 def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path, capsys):
     base = ["sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6]
     main(*base, "--out", tmp_path / "a.pt")
-    assert "12 evaluations of v x 2 networks = 24 network evaluations" in capsys.readouterr().out
+    # RK4's 3 steps start at t = 0, 0.26 and 0.74: the guide runs at 6 of the 12 evaluations of v
+    assert "autoguidance 2, 18 network evaluations each" in capsys.readouterr().out
     main(*base, "--out", tmp_path / "b.pt")
     main(*base, "--out", tmp_path / "c.pt", "--seed", 1)
     a, b, c = load(tmp_path / "a.pt"), load(tmp_path / "b.pt"), load(tmp_path / "c.pt")
@@ -554,7 +558,7 @@ def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path
     main(*base, "--out", tmp_path / "two.pt", "--autoguidance", 2)
     assert torch.equal(a, load(tmp_path / "two.pt"))                # the default weight is 2
     main(*base, "--out", tmp_path / "alone.pt", "--autoguidance", 1, "--solver", "euler")
-    assert "3 evaluations of v x 1 networks = 3 network evaluations" in capsys.readouterr().out
+    assert "autoguidance 1, 3 network evaluations each" in capsys.readouterr().out
     assert not torch.equal(a, load(tmp_path / "alone.pt"))
     main(*base, "--out", tmp_path / "new" / "grid.png")             # the folder is made
     assert read_png(tmp_path / "new" / "grid.png").shape[1:] == (2 + 2 * 30, 2 + 3 * 30)
@@ -611,6 +615,20 @@ def test_autoguidance_mixes_the_network_and_its_guide(w, expected, passes):
     v = fm.guided_field(model, guide, w)
     assert torch.equal(v(torch.zeros(2, 5), 0.3), torch.full((2, 5), expected))
     assert model.passes + guide.passes == passes
+    assert v.passes == 2 * passes                                   # passes over single images
+
+
+@pytest.mark.parametrize("t, guided", [(0.0, False), (0.19, False), (0.2, True), (0.5, True),
+                                       (0.8, True), (0.81, False), (1.0, False)])
+def test_the_guide_acts_only_mid_path(t, guided):
+    """With the default times, v = v_guide + 2 (v - v_guide) = -9 for 0.2 ≤ t ≤ 0.8, and outside
+    the network alone, 1, in one pass; times=(0, 1) guides everywhere."""
+    model, guide = Constant(1.0), Constant(11.0)
+    v = fm.guided_field(model, guide, 2.0)
+    assert v(torch.zeros(3), t).unique().tolist() == [-9.0 if guided else 1.0]
+    assert (model.passes, guide.passes, v.passes) == (1, int(guided), 3 * (1 + guided))
+    everywhere = fm.guided_field(model, guide, 2.0, times=(0.0, 1.0))
+    assert everywhere(torch.zeros(3), t).unique().tolist() == [-9.0]
 
 
 def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
