@@ -324,7 +324,7 @@ def log_line(state, batch_size, loss, start, max_steps, max_seconds):
 # Guidance pushes v away from a weaker prediction of it: v_weak + w (v - v_weak) with w > 1 (as
 # classifier-free guidance pushes away from the network without the label; Ho & Salimans 2022).
 # Autoguidance (Karras et al. 2024) takes for v_weak the same network early in its training, the
-# guide, whose errors are those of the final network, only larger. `sample` uses w = 2, mid-path
+# guide, whose errors are those of the final network, only larger. `sample` uses w = 2.5, mid-path
 # only (Kynkäänniemi et al. 2024): guiding at t < 0.2 costs fd, and at t > 0.8 it buys nothing.
 def guided_field(model, guide=None, w=1.0, times=(0.2, 0.8)):
     """The network as the samplers' v(x, t), t a number; with a guide, guided with weight w where
@@ -342,9 +342,9 @@ def guided_field(model, guide=None, w=1.0, times=(0.2, 0.8)):
     return v
 
 def autoguidance_weight(args, guide):
-    """--autoguidance, 2 by default; 1, the network alone, for a run without a guide."""
+    """--autoguidance, 2.5 by default; 1, the network alone, for a run without a guide."""
     if guide is not None:
-        return 2.0 if args.autoguidance is None else args.autoguidance
+        return 2.5 if args.autoguidance is None else args.autoguidance
     if args.autoguidance not in (None, 1.0):
         die(f"{args.ckpt} holds no guide for --autoguidance: its run ended before a quarter of it")
     return 1.0
@@ -586,7 +586,7 @@ def sample_flags(parser):
     parser.add_argument("--out", help=".png for a grid, .pt for a tensor (N, 1, 28, 28) in [0, 1] "
                         "(default samples.png, unless --trajectory is all that is asked)")
     parser.add_argument("--autoguidance", type=WEIGHT, metavar="WEIGHT",
-                        help="1 is the network alone (default 2, or 1 for a run without a guide)")
+                        help="1 is the network alone (default 2.5, or 1 for a run without a guide)")
     parser.add_argument("--trajectory", help="also save x_t from noise to image for 8 samples, "
                         "a row each, to this .png")
 

@@ -548,15 +548,15 @@ def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path
     base = ["sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6]
     main(*base, "--out", tmp_path / "a.pt")
     # RK4's 3 steps start at t = 0, 0.26 and 0.74: the guide runs at 6 of the 12 evaluations of v
-    assert "autoguidance 2, 18 network evaluations each" in capsys.readouterr().out
+    assert "autoguidance 2.5, 18 network evaluations each" in capsys.readouterr().out
     main(*base, "--out", tmp_path / "b.pt")
     main(*base, "--out", tmp_path / "c.pt", "--seed", 1)
     a, b, c = load(tmp_path / "a.pt"), load(tmp_path / "b.pt"), load(tmp_path / "c.pt")
     assert a.shape == (6, 1, 28, 28) and a.dtype == torch.float32
     assert 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
-    main(*base, "--out", tmp_path / "two.pt", "--autoguidance", 2)
-    assert torch.equal(a, load(tmp_path / "two.pt"))                # the default weight is 2
+    main(*base, "--out", tmp_path / "two.pt", "--autoguidance", 2.5)
+    assert torch.equal(a, load(tmp_path / "two.pt"))                # the default weight is 2.5
     main(*base, "--out", tmp_path / "alone.pt", "--autoguidance", 1, "--solver", "euler")
     assert "autoguidance 1, 3 network evaluations each" in capsys.readouterr().out
     assert not torch.equal(a, load(tmp_path / "alone.pt"))
@@ -579,7 +579,7 @@ def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run
                                                   (True, ["--fp32"], False)])
 def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise(
         native, flags, bf16, run, tmp_path, monkeypatch):
-    """sample --seed 3 = generate(guided_field(EMA, guide, 2)) from randn with generator seed 3,
+    """sample --seed 3 = generate(guided_field(EMA, guide, 2.5)) from randn with generator seed 3,
     every sample from its own noise, past the first 128 (sample draws 128 at a time) too; the
     networks run under bfloat16 autocast where train's do: on CPUs with AVX-512 BF16, not --fp32."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
@@ -591,7 +591,7 @@ def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise
     expected = {}
     for autocast in (False, True):
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            expected[autocast] = fm.generate(fm.guided_field(ema, guide, 2.0), noise, 2, "rk4")
+            expected[autocast] = fm.generate(fm.guided_field(ema, guide, 2.5), noise, 2, "rk4")
     assert (expected[True] - expected[False]).abs().max() > 1e-4   # 10x the tolerance below
     torch.testing.assert_close(load(tmp_path / "s.pt"), expected[bf16], atol=1e-5, rtol=0)
 
