@@ -632,11 +632,12 @@ def test_the_guide_acts_only_mid_path(t, guided):
 
 
 def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
-    """A row per sample: its first column is the noise at t=0 and its last the sample, as --out
-    has it."""
-    main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2, "--out", tmp_path / "s.png",
+    """A row for each of the first 8 samples: its first column is the noise at t=0 and its last the
+    sample, as --out has it; past the first chunk of 128, samples add no columns."""
+    main("sample", "--ckpt", run / "ckpt.pt", "--n", 130, "--steps", 2, "--out", tmp_path / "s.png",
          "--trajectory", tmp_path / "flow.png")
     samples, flow = read_png(tmp_path / "s.png"), read_png(tmp_path / "flow.png")
+    assert flow.shape[1:] == (2 + 8 * 30, 2 + 3 * 30)               # noise, then 2 steps
     noise = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     first = fm.to_unit_scale(noise[0]).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
     assert torch.equal(flow[0, 2:30, 2:30], first[0])
