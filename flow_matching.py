@@ -325,13 +325,13 @@ def log_line(state, batch_size, loss, start, max_steps, max_seconds):
 # classifier-free guidance pushes away from the network without the label; Ho & Salimans 2022).
 # Autoguidance (Karras et al. 2024) takes for v_weak the same network early in its training, the
 # guide, whose errors are those of the final network, only larger. `sample` uses w = 2.5, mid-path
-# only (Kynkäänniemi et al. 2024): guiding at t < 0.2 costs fd, and at t > 0.8 it buys nothing.
+# only (Kynkäänniemi et al. 2024): guiding at t < 0.2 costs fd, and at t > 0.8 it buys little.
 def guided_field(model, guide=None, w=1.0, times=(0.2, 0.8)):
     """The network as the samplers' v(x, t), t a number; with a guide, guided with weight w where
     times[0] ≤ t ≤ times[1]. v.passes counts the networks' passes over single images."""
     def v(x, t):
         guided = guide is not None and w != 1 and times[0] <= t <= times[1]
-        v.passes += len(x) * (2 if guided else 1)                  # the network, and its guide
+        v.passes += len(x) * (2 if guided else 1)                   # the network, and its guide
         t = torch.full((len(x),), t, device=x.device)
         v_model = model(x, t)
         if not guided:

@@ -320,7 +320,7 @@ def test_steps_follow_the_grid_and_end_at_t1(solver, t0, t1):
     x1 = fm.integrate(v, torch.zeros(1, dtype=torch.float64), n, solver, t0=t0, t1=t1)
     s = torch.arange(n + 1, dtype=torch.float64) / n
     grid = t0 + (t1 - t0) * (s - a * torch.sin(2 * math.pi * s) / (2 * math.pi))
-    starts = v.times[::EVALUATIONS_PER_STEP[solver]]             # where integrate's steps start
+    starts = v.times[::EVALUATIONS_PER_STEP[solver]]                # where integrate's steps start
     used = torch.tensor(starts + [t1], dtype=torch.float64)
     torch.testing.assert_close(used, grid)
     torch.testing.assert_close(x1, torch.tensor([t1 - t0], dtype=torch.float64))
