@@ -211,8 +211,8 @@ def generate(v, noise, steps, solver, trajectory=None):
     return to_unit_scale(integrate(v, noise, steps, solver, trajectory=trajectory))
 
 # --- 7. Training ----------------------------------------------------------------------------------
-# Adam on L_CFM with gradient clipping; the learning rate warms up, then decays linearly to zero
-# over the run's budget. Samples come from an exponential moving average (EMA) of the weights.
+# Adam on L_CFM, β₂ = 0.99 (a short memory, for short runs), gradient clipping; the learning rate
+# warms up, then decays linearly to zero over the budget. Samples come from a moving average (EMA).
 @dataclass
 class RunConfig:
     """What defines a run. Its checkpoint keeps it (as nanoGPT keeps its model_args), so sample,
@@ -269,7 +269,7 @@ def train(args):
     torch.manual_seed(config.seed)
     images = load_images(config.dataset, args.data_dir)
     model = build_model(config, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.99))
     state = TrainState(model, copy.deepcopy(model).requires_grad_(False), opt)
     if ckpt is not None:
         restore(state, ckpt)
