@@ -10,13 +10,11 @@ and regressing on them is enough to learn the field:
     loss    L_CFM = E_{t, x0, x1} || v(x_t, t) - u ||²
     ODE     dx/dt = v(x, t) from x(0) ~ N(0, I) to x(1), a sample
 
-Sections 1-8 are the method, up to the train and sample commands; then come the likelihood and the
-plumbing (checkpoints, command line).
-
 Usage:
     python flow_matching.py train --data-dir data --minutes 10      # writes runs/mnist/ckpt.pt
     python flow_matching.py sample --ckpt runs/mnist/ckpt.pt --out samples.png
     python flow_matching.py likelihood --ckpt runs/mnist/ckpt.pt --data-dir data     # bits/dim
+    python flow_matching.py train --class-cond --out runs/cond   # then sample --label 7
 
 References:
     Lipman, Chen, Ben-Hamu, Nickel, Le. Flow Matching for Generative Modeling. arXiv:2210.02747.
@@ -26,38 +24,29 @@ References:
     Kynkäänniemi et al. Applying Guidance in a Limited Interval. arXiv:2404.07724.
     Grathwohl et al. FFJORD (Hutchinson's divergence estimator in flows). arXiv:1810.01367.
 """
-import argparse
-import copy
 import math
-import os
-import signal
-import sys
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision import datasets
-from torchvision.utils import save_image
 
-def die(message):
-    """A user's mistake: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
+# === Part I: the method, in tensors and modules ===================================================
 # --- 1. Time embedding ----------------------------------------------------------------------------
-# Sines and cosines of t at frequencies from 1 to 1000 radians per unit time: some features change
-# slowly across [0, 1], others tell apart times 1e-3 apart.
+# e(t) = (sin ω_k t, cos ω_k t) with ω_k = 1000^(k / (dim/2 - 1)), from 1 to 1000 radians per unit
+# time: some features change slowly across [0, 1], others tell apart times 1e-3 apart.
+# Test: test_time_embedding_varies_slowly_and_quickly_across_the_unit_interval.
 def time_embedding(t, dim):
-    freqs = torch.logspace(0, 3, dim // 2, device=t.device)         # ω_k = 1000^(k / (dim/2 - 1))
+    freqs = torch.logspace(0, 3, dim // 2, device=t.device)         # ω_k
     angles = t[:, None].float() * freqs                             # (B, dim/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)           # (B, dim)
 
 # --- 2. Velocity network --------------------------------------------------------------------------
-# v(x, t) has the shape of x. A small U-Net: residual blocks at resolutions 28, 14, 7 and 4, the
-# time embedding added inside every block, and skip connections from each resolution on the way
-# down to the same resolution on the way up.
+# v(x, t, y) has the shape of x. A small U-Net: residual blocks at four resolutions (28, 14, 7, 4
+# for MNIST), each given the time embedding, and skips from each resolution on the way down to the
+# same one on the way up. A class-conditional network adds an embedding of the label y to the time
+# embedding; its extra label, `classes`, is ∅, "no label", for classifier-free guidance (section 7).
+# Tests: test_network_output_has_the_input_shape_and_depends_on_t, ..._and_on_the_label.
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, emb_dim):
         super().__init__()
@@ -69,30 +58,38 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         nn.init.zeros_(self.conv2.weight)                           # the branch starts at 0
 
-    # Tensors stay NCHW: PyTorch's GroupNorm on channels_last CPU tensors is up to 6x slower.
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
 
 class VelocityNet(nn.Module):
-    def __init__(self, widths=(32, 64, 128, 128), emb_dim=128):
+    def __init__(self, channels=1, widths=(32, 64, 128, 128), classes=0, emb_dim=128):
         super().__init__()
         self.emb_dim = emb_dim
+        self.classes = classes                                      # 0: no labels
         self.time_mlp = nn.Sequential(
             nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(1, widths[0], 3, padding=1)
+        if classes:
+            self.label_emb = nn.Embedding(classes + 1, emb_dim)     # labels 0, ..., classes - 1, ∅
+        self.stem = nn.Conv2d(channels, widths[0], 3, padding=1)
         above = [widths[0]] + list(widths[:-1])                     # each level's input width
         self.down = nn.ModuleList(ResBlock(c_in, c, emb_dim) for c_in, c in zip(above, widths))
         self.pool = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in widths[:-1])
         self.mid = ResBlock(widths[-1], widths[-1], emb_dim)
+        # Listed top-down like `down`, run bottom-up: a level's block takes h and that level's
+        # skip, c channels each, so 2c, and gives h the width of the level above it, c_in.
         self.up = nn.ModuleList(ResBlock(2 * c, c_in, emb_dim) for c_in, c in zip(above, widths))
         self.head = nn.Sequential(
-            nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 1, 3, padding=1))
+            nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], channels, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         emb = self.time_mlp(time_embedding(t, self.emb_dim))
+        if self.classes:
+            if y is None:                                           # no label: the null label
+                y = torch.full((len(x),), self.classes, device=x.device)
+            emb = emb + self.label_emb(y)
         h = self.stem(x)
         skips = []
         for level, block in enumerate(self.down):
@@ -106,9 +103,10 @@ class VelocityNet(nn.Module):
             h = block(torch.cat([h, skip], dim=1), emb)
         return self.head(h).float()                                 # float32 under autocast too
 
-# --- 3. The OT probability path -------------------------------------------------------------------
+# --- 3. The OT probability path and the times t ---------------------------------------------------
 # Conditioned on a data point x1, x_t moves on a straight line from the noise x0 to (almost) x1:
 # σ_min > 0 leaves a little noise at t=1 so that p_1(x | x1) = N(x1, σ_min² I) is not a point mass.
+# Tests: test_path_endpoints, test_target_is_the_time_derivative_of_the_path.
 def ot_path(x0, x1, t, sigma_min):
     t = t.view(-1, *[1] * (x1.dim() - 1))                           # broadcast t over pixels
     xt = (1 - (1 - sigma_min) * t) * x0 + t * x1                    # (1 - (1 - σ_min) t) x0 + t x1
@@ -123,119 +121,41 @@ def draw_t(n):
 # --- 4. The conditional flow matching loss --------------------------------------------------------
 # Regressing on the marginal velocity (L_FM) is intractable; L_CFM regresses on u instead, and
 # L_FM = L_CFM + C with C independent of v (Lipman et al., Theorem 2), so both have the same
-# minimiser: the marginal velocity, the posterior mean of u given x_t.
-def cfm_loss(model, x0, x1, t, sigma_min):
+# minimiser: the marginal velocity, the posterior mean of u given x_t. With labels y, the same
+# holds for each class: v(x, t, y) learns the marginal velocity of that class's images.
+# Tests: test_fm_and_cfm_losses_differ_by_the_same_constant_for_any_field, and the two near it.
+def cfm_loss(model, x0, x1, t, sigma_min, y=None):
     xt, u = ot_path(x0, x1, t, sigma_min)
-    return F.mse_loss(model(xt, t), u)                              # E || v(x_t, t) - u ||² / D
+    return F.mse_loss(model(xt, t, y), u)                           # E || v(x_t, t) - u ||² / D
 
-# --- 5. Data --------------------------------------------------------------------------------------
-# Both data sets hold 28x28 grey images. The training set sits in memory as one uint8 tensor, and
-# batches are gathered from it directly, which is faster than a per-image DataLoader.
-DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
-
-def load_images(name, root, train=True):
-    """(N, 1, 28, 28) uint8 images; torchvision downloads them when it can."""
-    kind = DATASETS[name]
-    folder = os.path.join(root, kind.__name__, "raw")
-    new_folders = missing_folders(folder)
-    try:
-        data = kind(root, train=train, download=True)
-    except Exception:                                               # no files and no network
-        for path in new_folders:                                    # leave no empty folders
-            if os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
-        files = ", ".join(file for file, _ in kind.resources)
-        die(f"{name} is not in {folder} and cannot be downloaded: put {files} there")
-    return data.data[:, None].contiguous()
-
-def missing_folders(path):
-    """The folders on the way to `path` that do not exist yet, deepest first."""
-    missing = []
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(os.path.abspath(path))
-    return missing
-
+# --- 5. A training step ---------------------------------------------------------------------------
+# A batch pairs images x1 ~ p_data, on [-1, 1], with noise x0 ~ N(0, I) and times t. Adam steps on
+# L_CFM with its gradient clipped to norm 1, at a rate that warms up, then decays linearly to zero
+# over the run; a moving average of the weights (EMA) draws the samples.
+# Tests: test_training_lowers_the_loss_on_a_tiny_data_set, and the tests of this section.
 def to_model_scale(pixels):
     return pixels.float() / 127.5 - 1                               # {0, ..., 255} → [-1, 1]
 
 def to_unit_scale(x):
     return ((x + 1) / 2).clamp(0, 1)                                # [-1, 1] → [0, 1] for images
 
-def draw_batch(images, batch_size):
-    """Everything random in a step, from torch's global generator, whose state in the checkpoint
-    makes a resumed run draw the same batches."""
-    x1 = to_model_scale(images[torch.randint(len(images), (batch_size,))])    # x1 ~ p_data
+def draw_batch(images, batch_size, labels=None, null_label=None, flip=False):
+    """x0, x1, t and labels y (None without `labels`) for a step, from uint8 images (N, C, H, W).
+    Each label is the null label with probability 0.1, drawn per image, so that the network also
+    learns v without a label. `flip` mirrors half the images, left to right."""
+    index = torch.randint(len(images), (batch_size,))
+    x1 = to_model_scale(images[index])                              # x1 ~ p_data
+    if flip:
+        x1 = torch.where(torch.rand(batch_size, 1, 1, 1) < 0.5, x1.flip(-1), x1)
     x0 = torch.randn_like(x1)                                       # x0 ~ N(0, I)
-    return x0, x1, draw_t(batch_size)
+    t = draw_t(batch_size)
+    if labels is None:
+        return x0, x1, t, None
+    return x0, x1, t, torch.where(torch.rand(batch_size) < 0.1, null_label, labels[index])
 
-# --- 6. Samplers ----------------------------------------------------------------------------------
-# Generation integrates dx/dt = v(x, t) from t=0 (noise) to t=1 for any v(x, t): the network, or,
-# in the tests, fields with known solutions. Error at t=1: O(h) for Euler, O(h⁴) for RK4.
-def euler_step(v, x, t, h):
-    return x + h * v(x, t)                                          # x_{t+h} = x_t + h v(x_t, t)
-
-def rk4_step(v, x, t, h):
-    k1 = v(x, t)
-    k2 = v(x + h / 2 * k1, t + h / 2)
-    k3 = v(x + h / 2 * k2, t + h / 2)
-    k4 = v(x + h * k3, t + h)
-    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-
-SOLVERS = {"euler": euler_step, "rk4": rk4_step}
-
-def step_times(steps, solver, t0=0.0, t1=1.0):
-    """Where each step starts, then t1. Euler takes equal steps. v changes fastest near the noise
-    and near the data, where RK4's error gathers, so there RK4's steps are a third as long as
-    mid-path: t = s - sin(2πs) / 4π at s = i / steps, a slope of 1/2 at the ends and 3/2 mid-way."""
-    times = []
-    for i in range(steps + 1):
-        s = i / steps
-        if solver == "rk4":
-            s = s - math.sin(2 * math.pi * s) / (4 * math.pi)
-        times.append(t0 + (t1 - t0) * s)
-    return times
-
-def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0, trajectory=None):
-    """x(t1) from x(t0) in `steps` steps of dx/dt = v(x, t); `trajectory` gets x after each."""
-    times = step_times(steps, solver, t0, t1)
-    for t, t_next in zip(times[:-1], times[1:]):
-        x = SOLVERS[solver](v, x, t, t_next - t)
-        if trajectory is not None:
-            trajectory.append(x)
-    return x
-
-@torch.no_grad()
-def generate(v, noise, steps, solver, trajectory=None):
-    """Images in [0, 1]: noise at t=0 carried along v to t=1."""
-    return to_unit_scale(integrate(v, noise, steps, solver, trajectory=trajectory))
-
-# --- 7. Training ----------------------------------------------------------------------------------
-# Adam on L_CFM, β₂ = 0.99 (a short memory, for short runs), gradient clipping; the learning rate
-# warms up, then decays linearly to zero over the budget. Samples come from a moving average (EMA).
-@dataclass
-class RunConfig:
-    """What defines a run. Its checkpoint keeps it (as nanoGPT keeps its model_args), so sample,
-    likelihood and train --resume need nothing else. train's flags of the same names set it."""
-    dataset: str = "mnist"                  # a key of DATASETS
-    widths: tuple = (32, 64, 128, 128)      # U-Net channels at each resolution, from the top
-    sigma_min: float = 0.0                  # noise left at t=1 on the OT path
-    lr: float = 2e-3                        # peak learning rate of Adam
-    batch_size: int = 128                   # images per optimizer step
-    seed: int = 0                           # the same seed trains the same weights
-    steps: int = None                       # stop after this many optimizer steps in all,
-    minutes: float = None                   # or this many minutes of training (10 if neither)
-    save_every: int = 1000                  # save ckpt.pt and a grid of samples this often (steps)
-
-@dataclass
-class TrainState:
-    """What a run changes as it trains; its checkpoint holds all of it."""
-    model: nn.Module
-    ema: nn.Module                          # a moving average of the model's weights, to sample
-    opt: torch.optim.Optimizer
-    guide: dict = None                      # the EMA's weights a quarter of the way through
-    step: int = 0
-    elapsed: float = 0.0                    # seconds of training
+def adam(model, lr):
+    """Adam with β₂ = 0.99: a shorter memory of gradients than the usual 0.999, for short runs."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
 
 def learning_rate(peak, step, progress, warmup=200):
     """The rate at a step, given the share `progress` of the run's budget that has passed."""
@@ -249,150 +169,102 @@ def ema_update(ema, model, step, decay=0.999):
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)                                       # e ← decay e + (1 - decay) p
 
-def train_step(state, batch, lr, sigma_min, bf16):
-    """One Adam step on L_CFM, then the EMA's; returns the loss."""
-    for group in state.opt.param_groups:
+def autocast(device, bf16):
+    """bfloat16 autocast if bf16, else none, on any device (older PyTorch has none for MPS)."""
+    return torch.autocast(device.type if bf16 else "cpu", torch.bfloat16, enabled=bf16)
+
+def train_step(model, ema, opt, batch, lr, step, sigma_min=0.0, bf16=False):
+    """One Adam step on L_CFM at learning rate lr, then the EMA's; returns the loss."""
+    for group in opt.param_groups:
         group["lr"] = lr
-    x0, x1, t = batch
-    with torch.autocast(x0.device.type, torch.bfloat16, enabled=bf16):
-        loss = cfm_loss(state.model, x0, x1, t, sigma_min)
-    state.opt.zero_grad(set_to_none=True)
+    x0, x1, t, y = batch
+    with autocast(x0.device, bf16):
+        loss = cfm_loss(model, x0, x1, t, sigma_min, y)
+    opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
-    state.opt.step()
-    ema_update(state.ema, state.model, state.step)
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema_update(ema, model, step)
     return loss.item()
 
-def train(args):
-    config, ckpt = run_config(args)                                 # the flags, or the run's own
-    device = pick_device()
-    torch.manual_seed(config.seed)
-    images = load_images(config.dataset, args.data_dir)
-    model = build_model(config, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.99))
-    state = TrainState(model, copy.deepcopy(model).requires_grad_(False), opt)
-    if ckpt is not None:
-        restore(state, ckpt)
-    bf16 = use_bfloat16(device, args.fp32)
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"{config.dataset}: {len(images)} images on {device}"
-          f"{' with bfloat16 autocast' if bf16 else ''}; {parameters / 1e6:.2f}M parameters; "
-          f"from step {state.step}", flush=True)
+# --- 6. Samplers ----------------------------------------------------------------------------------
+# Generation integrates dx/dt = v(x, t) from t=0 (noise) to t=1 for any v(x, t): the network, or,
+# in the tests, fields with known solutions. Error at t=1: O(h) for Euler, O(h⁴) for RK4.
+# Tests: test_solvers_converge_at_their_order, test_steps_follow_the_grid_and_end_at_t1.
+def euler_step(v, x, t, h):
+    return x + h * v(x, t)                                          # x_{t+h} = x_t + h v(x_t, t)
 
-    def next_batch():
-        return [part.to(device) for part in draw_batch(images, config.batch_size)]
-    stopped = run_steps(state, config, next_batch, bf16, args.out)
-    if state.step % config.save_every or not os.path.exists(os.path.join(args.out, "ckpt.pt")):
-        save_run(state, config, args.out)                           # unless the last step saved
-    how = " on a stop signal" if stopped else ""
-    print(f"step {state.step}, {state.elapsed / 60:.1f} min{how}: saved {args.out}/ckpt.pt and "
-          f"{args.out}/samples_{state.step:06d}.png")
+def rk4_step(v, x, t, h):
+    k1 = v(x, t)
+    k2 = v(x + h / 2 * k1, t + h / 2)
+    k3 = v(x + h / 2 * k2, t + h / 2)
+    k4 = v(x + h * k3, t + h)
+    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
-def run_steps(state, config, next_batch, bf16, out):
-    """Train until the budget runs out or a stop signal comes; True if a signal stopped the run."""
-    max_steps = config.steps or math.inf
-    max_seconds = 60 * config.minutes if config.minutes else math.inf
-    signals = catch_stop_signals()
-    clock = time.perf_counter() - state.elapsed                     # a resumed run keeps its time
-    start = (state.step, state.elapsed)                             # for the rate of this command
-    last_line = state.elapsed
-    while state.step < max_steps and state.elapsed < max_seconds and not signals:
-        progress = max(state.step / max_steps, state.elapsed / max_seconds)  # whichever ends first
-        lr = learning_rate(config.lr, state.step, progress)
-        loss = train_step(state, next_batch(), lr, config.sigma_min, bf16)
-        state.step += 1
-        state.elapsed = time.perf_counter() - clock
-        if state.guide is None and progress >= 0.25:                # autoguidance's guide
-            state.guide = copy.deepcopy(state.ema.state_dict())
-        if not math.isfinite(loss):
-            die(f"the loss is {loss} at step {state.step}: try a lower --lr (ckpt.pt: last save)")
-        if state.step == start[0] + 10 or state.elapsed - last_line >= 30:  # soon, then each 30 s
-            line = log_line(state, config.batch_size, loss, start, max_steps, max_seconds)
-            print(line, flush=True)
-            last_line = state.elapsed
-        if state.step % config.save_every == 0:
-            save_run(state, config, out)
-    return bool(signals)
+SOLVERS = {"euler": euler_step, "rk4": rk4_step}
 
-def log_line(state, batch_size, loss, start, max_steps, max_seconds):
-    """A log line: step, loss, images per second since this command started, and time left."""
-    rate = (state.step - start[0]) * batch_size / (state.elapsed - start[1])
-    left = min(max_seconds - state.elapsed, (max_steps - state.step) * batch_size / rate)
-    return f"step {state.step:6d}  loss {loss:.4f}  {rate:6.1f} img/s  {left / 60:5.1f} min left"
+def step_times(steps, t0=0.0, t1=1.0, warp=0.0):
+    """Where each step starts, then t1: t = s - warp sin(2πs) / 2π at s = i / steps. warp = 0
+    gives equal steps; 1/2 makes the first and last a third as long as those mid-path."""
+    times = []
+    for i in range(steps + 1):
+        s = i / steps
+        times.append(t0 + (t1 - t0) * (s - warp * math.sin(2 * math.pi * s) / (2 * math.pi)))
+    return times
 
-# --- 8. Sampling, with autoguidance ---------------------------------------------------------------
-# Guidance pushes v away from a weaker prediction of it: v_weak + w (v - v_weak) with w > 1 (as
-# classifier-free guidance pushes away from the network without the label; Ho & Salimans 2022).
-# Autoguidance (Karras et al. 2024) takes for v_weak the same network early in its training, the
-# guide, whose errors are those of the final network, only larger. `sample` uses w = 2.5, mid-path
-# only (Kynkäänniemi et al. 2024): guiding at t < 0.2 costs fd, and at t > 0.8 it buys little.
-def guided_field(model, guide=None, w=1.0, times=(0.2, 0.8)):
-    """The network as the samplers' v(x, t), t a number; with a guide, guided with weight w where
-    times[0] ≤ t ≤ times[1]. v.passes counts the networks' passes over single images."""
-    def v(x, t):
-        guided = guide is not None and w != 1 and times[0] <= t <= times[1]
-        v.passes += len(x) * (2 if guided else 1)                   # the network, and its guide
+def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0, trajectory=None):
+    """x(t1) from x(t0) in `steps` steps of dx/dt = v(x, t); `trajectory` gets x after each. RK4's
+    error gathers near noise and data, where v changes fastest: its steps are shorter there."""
+    times = step_times(steps, t0, t1, warp=0.5 if solver == "rk4" else 0.0)
+    for t, t_next in zip(times[:-1], times[1:]):
+        x = SOLVERS[solver](v, x, t, t_next - t)
+        if trajectory is not None:
+            trajectory.append(x)
+    return x
+
+@torch.no_grad()
+def generate(v, noise, steps, solver, trajectory=None):
+    """Images in [0, 1]: noise at t=0 carried along v to t=1."""
+    return to_unit_scale(integrate(v, noise, steps, solver, trajectory=trajectory))
+
+# --- 7. Guidance ----------------------------------------------------------------------------------
+# Guidance pushes v away from a weaker prediction of it, v_weak + w (v - v_weak) with w > 1. For
+# classifier-free guidance (Ho & Salimans 2022) v_weak is the same network without the label; for
+# autoguidance (Karras et al. 2024), the same network early in its training, the guide, given the
+# same label: its errors are the final network's, only larger. Both at once add their pushes. Each
+# acts mid-path only (Kynkäänniemi et al. 2024): guiding at t < 0.2 costs fd, past 0.8 buys little.
+# Tests: test_classifier_free_guidance_mixes..., test_autoguidance_mixes..., test_the_guide_acts...
+@dataclass
+class GuidedField:
+    """The samplers' v(x, t), t a number: the network given labels y, guided where
+    times[0] ≤ t ≤ times[1]; `passes` counts network evaluations, passes over single images."""
+    model: nn.Module
+    y: torch.Tensor = None                  # a label per image; None: the null label, or no label
+    guidance: float = 1.0                   # classifier-free guidance's w; 1 is none
+    guide: nn.Module = None                 # autoguidance's guide
+    autoguidance: float = 1.0               # autoguidance's w; 1 is none
+    times: tuple = (0.2, 0.8)               # where guidance acts
+    passes: int = 0
+
+    def __call__(self, x, t):
+        mid_path = self.times[0] <= t <= self.times[1]
+        cfg = mid_path and self.guidance != 1
+        ag = mid_path and self.autoguidance != 1
+        self.passes += len(x) * (1 + cfg + ag)                      # the networks to run
         t = torch.full((len(x),), t, device=x.device)
-        v_model = model(x, t)
-        if not guided:
-            return v_model
-        v_guide = guide(x, t)
-        return v_guide + w * (v_model - v_guide)                    # v_guide + w (v - v_guide)
-    v.passes = 0
-    return v
+        v = self.model(x, t, self.y)
+        pushed = v
+        if cfg:                                                     # v_null + w (v_y - v_null)
+            pushed = pushed + (self.guidance - 1) * (v - self.model(x, t))
+        if ag:                                                      # v_guide + w (v - v_guide)
+            pushed = pushed + (self.autoguidance - 1) * (v - self.guide(x, t, self.y))
+        return pushed
 
-def autoguidance_weight(args, guide):
-    """--autoguidance, 2.5 by default; 1, the network alone, for a run without a guide."""
-    if guide is not None:
-        return 2.5 if args.autoguidance is None else args.autoguidance
-    if args.autoguidance not in (None, 1.0):
-        die(f"{args.ckpt} holds no guide for --autoguidance: its run ended before a quarter of it")
-    return 1.0
-
-def sample(args):
-    config, model, guide, device = load_model(args)
-    autoguidance = autoguidance_weight(args, guide)
-    noise = torch.randn(args.n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed))
-    noise = noise.to(device)
-    frames = [noise[:128]] if args.trajectory else None             # x_t of the first chunk
-    start = time.perf_counter()
-    images = []
-    v = guided_field(model, guide, autoguidance)
-    bf16 = use_bfloat16(device, args.fp32)                          # as in train; x stays float32
-    for i, chunk in enumerate(noise.split(128)):                    # 128 at a time stay in cache
-        trajectory = frames if i == 0 else None
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            images.append(generate(v, chunk, args.steps, args.solver, trajectory))
-    print(f"{args.n} samples in {time.perf_counter() - start:.1f} s: {args.solver}, {args.steps} "
-          f"steps, autoguidance {autoguidance:g}, {v.passes / args.n:g} network evaluations each")
-    if args.out:
-        write_images(torch.cat(images).cpu(), args.out, math.ceil(math.sqrt(args.n)))
-    if args.trajectory:                                             # a row per sample
-        rows = to_unit_scale(torch.stack([x[:8] for x in frames], 1).flatten(0, 1))
-        write_images(rows.cpu(), args.trajectory, nrow=len(frames))
-
-def load_model(args):
-    """The run's settings, its EMA as a model, its guide (or None) and the device they are on."""
-    device = pick_device()
-    ckpt, config = load_checkpoint(args.ckpt)
-    model = build_model(config, ckpt["ema"], device).eval().requires_grad_(False)
-    guide = None
-    if ckpt["guide"] is not None:
-        guide = build_model(config, ckpt["guide"], device).eval().requires_grad_(False)
-    return config, model, guide, device
-
-def write_images(images, path, nrow):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".pt"):
-        torch.save(images, path)                                    # (N, 1, 28, 28) in [0, 1]
-    else:
-        save_image(images, path, nrow=nrow)
-    print(f"wrote {path}")
-
-# --- 9. Likelihood --------------------------------------------------------------------------------
+# --- 8. Likelihood --------------------------------------------------------------------------------
 # The flow also gives exact densities. Along a trajectory the continuity equation reads
 # d/dt log p_t(x_t) = -div v(x_t, t), so log p_1(x1) = log N(x0; 0, I) - ∫_0^1 div v(x_t, t) dt,
 # where x0 is x1 carried back to t=0. We integrate x and the divergence together, from t=1 to 0.
+# Tests: test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form, and the two after it.
 def divergence(v, x, t, noise):
     """v(x, t) and Hutchinson's estimate of its divergence, εᵀ (∂v/∂x) ε, from one vector-Jacobian
     product: unbiased for noise ε with E[ε εᵀ] = I, such as random signs."""
@@ -403,7 +275,7 @@ def divergence(v, x, t, noise):
     return vx.detach(), (vjp * noise).flatten(1).sum(1)             # εᵀ J ε
 
 def log_likelihood(v, x1, steps, solver="rk4"):
-    """log p_1(x1) under the flow of v, one number per sample."""
+    """log p_1(x1) under the flow of v, per sample; random signs ε drawn once for its whole path."""
     dim = x1[0].numel()
     noise = torch.randint(0, 2, x1.shape, dtype=x1.dtype, device=x1.device) * 2 - 1  # ε = ±1
 
@@ -427,22 +299,101 @@ def bits_per_dim(pixels, v, steps, solver):
     log_px = log_likelihood(v, x, steps, solver)
     return -(log_px - dim * math.log(127.5)) / (dim * math.log(2))
 
-def likelihood(args):
-    config, model, _, device = load_model(args)
-    images = load_images(config.dataset, args.data_dir, train=False)
-    torch.manual_seed(args.seed)                                    # which images, U and ε
-    pixels = images[torch.randperm(len(images))[:args.n]].to(device)
-    v = guided_field(model)
-    start = time.perf_counter()
-    bpd = [bits_per_dim(chunk, v, args.steps, args.solver) for chunk in pixels.split(128)]
-    bpd = torch.cat(bpd).cpu()
-    print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} "
-          f"{config.dataset} test images in {time.perf_counter() - start:.1f} s: {args.solver}, "
-          f"{args.steps} steps, {v.passes / len(bpd):g} network evaluations (and gradients) each")
+# === Part II: running it (data, the training run, checkpoints, the commands, their errors) ========
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, fields, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-# --- 10. Checkpoints and devices ------------------------------------------------------------------
+from torchvision import datasets  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+# --- 9. Data and devices --------------------------------------------------------------------------
+# Images keep their data set's shape: 1x28x28 for MNIST and Fashion-MNIST, 3x32x32 for CIFAR-10.
+# The training set sits in memory as one uint8 tensor: faster batches than a DataLoader's.
+DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
+            "cifar10": datasets.CIFAR10}
+
+def load_data(name, root, train=True):
+    """(N, C, H, W) uint8 images and (N,) labels; torchvision downloads them when it can."""
+    kind = DATASETS[name]
+    if kind is datasets.CIFAR10:                                    # one archive, which it unpacks
+        folder = os.path.join(root, kind.base_folder)
+        files = f"{kind.filename} in {root}"
+    else:
+        folder = os.path.join(root, kind.__name__, "raw")
+        files = ", ".join(file for file, _ in kind.resources) + " there"
+    new_folders = [path for path in [folder, *Path(folder).parents] if not os.path.exists(path)]
+    try:
+        data = kind(root, train=train, download=True)
+    except Exception:                                               # no files and no network
+        for path in new_folders:                                    # leave no empty folders
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+        die(f"{name} is not in {folder} and cannot be downloaded: put {files}")
+    images = torch.as_tensor(data.data)                             # grey (N, H, W), colour NHWC
+    images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(data.targets)
+
+def pick_device(name):
+    """--device: auto takes CUDA, then Apple's MPS, then the CPU; one asked for must exist."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        name = next((kind for kind, present in available.items() if present), "cpu")
+    if not available.get(name, True):                               # the CPU is always there
+        die(f"--device {name}: this machine has no {name} device (--device auto finds one)")
+    return torch.device(name)
+
+def use_bfloat16(device, fp32):
+    """bfloat16 where it is native: CUDA with bfloat16, or a CPU with AVX-512 BF16; not on MPS."""
+    if fp32 or device.type == "mps":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    detect = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private; older torch lacks it
+    return torch.backends.mkldnn.is_available() and detect is not None and detect()
+
+# --- 10. The run's settings and checkpoints -------------------------------------------------------
+@dataclass
+class RunConfig:
+    """What defines a run: train's flags set it, and its checkpoint keeps it (as nanoGPT keeps its
+    model_args), so that sample, likelihood and train --resume need nothing else."""
+    dataset: str = "mnist"                  # a key of DATASETS
+    class_cond: bool = False                # learn v(x, t, label) too, for --label and --guidance
+    widths: tuple = (32, 64, 128, 128)      # U-Net channels at each resolution, from the top
+    sigma_min: float = 0.0                  # noise left at t=1 on the OT path
+    lr: float = 2e-3                        # peak learning rate of Adam
+    batch_size: int = 128                   # images per optimizer step
+    seed: int = 0                           # the same seed trains the same weights
+    steps: int = None                       # stop after this many optimizer steps in all,
+    minutes: float = 10.0                   # or this many minutes of training (None: no limit)
+    save_every: int = 1000                  # save ckpt.pt and a grid of samples this often (steps)
+    image_shape: tuple = None               # (C, H, W), from the data when the run starts,
+    classes: int = None                     # and the number of labels in it
+
+@dataclass
+class TrainState:
+    """What a run changes as it trains; its checkpoint holds all of it."""
+    model: nn.Module
+    ema: nn.Module                          # a moving average of the model's weights, to sample
+    opt: torch.optim.Optimizer
+    guide: dict = None                      # the EMA's weights a quarter of the way through
+    step: int = 0
+    elapsed: float = 0.0                    # seconds of training
+
 CHECKPOINT_KEYS = {"config", "model", "ema", "optimizer", "guide", "step", "elapsed", "rng"}
 EXTENDABLE = {"steps", "minutes", "save_every"}                     # what --resume may change
+
+def build_model(config, weights=None, device="cpu"):
+    classes = config.classes if config.class_cond else 0
+    model = VelocityNet(config.image_shape[0], config.widths, classes)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.to(device)
 
 def save_run(state, config, folder):
     """ckpt.pt, written whole or not at all, and a grid of 64 samples from the EMA alone."""
@@ -454,13 +405,13 @@ def save_run(state, config, folder):
     path = os.path.join(folder, "ckpt.pt")
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)                                 # a crash leaves the old file
-    noise = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    device = next(state.ema.parameters()).device
-    grid = generate(guided_field(state.ema), noise.to(device), 5, "rk4")
-    save_image(grid, os.path.join(folder, f"samples_{state.step:06d}.png"), nrow=8)
+    noise = torch.randn(64, *config.image_shape, generator=torch.Generator().manual_seed(0))
+    images = draw_samples(GuidedField(state.ema), noise, default_labels(config, 64), 5, "rk4")
+    grid = os.path.join(folder, f"samples_{state.step:06d}.png")
+    save_image(images, grid, nrow=config.classes if config.class_cond else 8)
 
 def load_checkpoint(path):
-    """A checkpoint and its RunConfig. weights_only=True: unpickling runs no code from the file."""
+    """A checkpoint and its RunConfig, read onto the CPU; weights_only=True runs no code from it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -487,8 +438,8 @@ def run_config(args):
     RunConfig's defaults; a resumed one keeps its own, and only its budget may change."""
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
     if not args.resume:
-        if "steps" not in given and "minutes" not in given:
-            given["minutes"] = 10.0
+        if "steps" in given and "minutes" not in given:
+            given["minutes"] = None
         return RunConfig(**given), None
     ckpt, stored = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
     for name, value in given.items():
@@ -505,33 +456,182 @@ def shown(value):
     """A setting's value as it reads on the command line: widths as 32,64,128,128."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
-def build_model(config, state=None, device="cpu"):
-    """The network a config describes, with the weights `state` if given."""
-    model = VelocityNet(config.widths)
-    if state is not None:
-        model.load_state_dict(state)
-    return model.to(device)
+# --- 11. The training run -------------------------------------------------------------------------
+def train(args):
+    config, ckpt = run_config(args)                                 # the flags, or the run's own
+    device = pick_device(args.device)
+    torch.manual_seed(config.seed)
+    images, labels = load_data(config.dataset, args.data_dir)
+    config = replace(config, image_shape=tuple(images.shape[1:]), classes=int(labels.max()) + 1)
+    model = build_model(config, device=device)
+    state = TrainState(model, copy.deepcopy(model).requires_grad_(False), adam(model, config.lr))
+    if ckpt is not None:
+        restore(state, ckpt)
+    bf16 = use_bfloat16(device, args.fp32)
+    kind = "class-conditional, " if config.class_cond else ""
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{config.dataset}: {len(images)} images of {'x'.join(map(str, images.shape[1:]))} on "
+          f"{device}{' with bfloat16 autocast' if bf16 else ''}; {kind}{parameters:.2f}M "
+          f"parameters; from step {state.step}", flush=True)
 
-def pick_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def next_batch():
+        given = labels if config.class_cond else None
+        flip = config.dataset == "cifar10"                          # a mirrored digit is no digit
+        batch = draw_batch(images, config.batch_size, given, config.classes, flip)
+        return [part if part is None else part.to(device) for part in batch]
+    stopped = run_steps(state, config, next_batch, bf16, args.out)
+    if state.step % config.save_every or not os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        save_run(state, config, args.out)                           # unless the last step saved
+    how = " on a stop signal" if stopped else ""
+    print(f"step {state.step}, {state.elapsed / 60:.1f} min{how}: saved {args.out}/ckpt.pt and "
+          f"{args.out}/samples_{state.step:06d}.png")
 
-def use_bfloat16(device, fp32):
-    """bfloat16 where it is native: CUDA, or a CPU with AVX-512 BF16; float32 elsewhere."""
-    if fp32:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    detect = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private; older torch lacks it
-    return torch.backends.mkldnn.is_available() and detect is not None and detect()
+def run_steps(state, config, next_batch, bf16, out):
+    """Train to the end of the budget or a stop (Ctrl-C, SIGTERM, `| head`); True if stopped."""
+    max_steps = config.steps or math.inf
+    max_seconds = 60 * config.minutes if config.minutes else math.inf
+    signals = []                                                    # Ctrl-C and SIGTERM land here
+    for number in (signal.SIGINT, signal.SIGTERM):                  # instead of killing the run
+        signal.signal(number, lambda number, frame: signals.append(number))
+    clock = time.perf_counter() - state.elapsed                     # a resumed run keeps its time
+    start_step = state.step                                         # for this command's rate
+    start_elapsed = state.elapsed
+    last_line = state.elapsed
+    while state.step < max_steps and state.elapsed < max_seconds and not signals:
+        progress = max(state.step / max_steps, state.elapsed / max_seconds)  # whichever ends first
+        lr = learning_rate(config.lr, state.step, progress)
+        batch = next_batch()
+        loss = train_step(state.model, state.ema, state.opt, batch, lr, state.step,
+                          config.sigma_min, bf16)
+        state.step += 1
+        state.elapsed = time.perf_counter() - clock
+        if state.guide is None and progress >= 0.25:                # autoguidance's guide
+            state.guide = copy.deepcopy(state.ema.state_dict())
+        if not math.isfinite(loss):
+            die(f"the loss is {loss} at step {state.step}: try a lower --lr (ckpt.pt: last save)")
+        if state.step == start_step + 10 or state.elapsed - last_line >= 30:  # soon, then each 30 s
+            rate = (state.step - start_step) / (state.elapsed - start_elapsed)   # steps per second
+            left = min(max_seconds - state.elapsed, (max_steps - state.step) / rate)
+            try:
+                print(f"step {state.step:6d}  loss {loss:.4f}  {rate * config.batch_size:6.1f} "
+                      f"img/s  {left / 60:5.1f} min left", flush=True)
+            except BrokenPipeError:                                 # its reader has gone
+                signals.append("closed pipe")
+            last_line = state.elapsed
+        if state.step % config.save_every == 0:
+            save_run(state, config, out)
+    return bool(signals)
 
-def catch_stop_signals():
-    """A list that Ctrl-C and SIGTERM append to instead of killing the run, which then saves."""
-    caught = []
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda number, frame: caught.append(number))
-    return caught
+# --- 12. Sampling and likelihood ------------------------------------------------------------------
+def load_model(args):
+    device = pick_device(args.device)
+    ckpt, config = load_checkpoint(args.ckpt)
+    model = build_model(config, ckpt["ema"], device).eval().requires_grad_(False)
+    guide = None
+    if ckpt["guide"] is not None:
+        guide = build_model(config, ckpt["guide"], device).eval().requires_grad_(False)
+    return config, model, guide, device
 
-# --- 11. Command line -----------------------------------------------------------------------------
+def in_chunks(n, size=128):
+    """Slices of n images, `size` at a time; when slow, a line every 30 s: done, rate, time left."""
+    start = last_line = time.perf_counter()
+    for done in range(size, n + size, size):
+        yield slice(done - size, done)
+        now = time.perf_counter()
+        if now - last_line >= 30 and done < n:
+            rate = done / (now - start)
+            left = (n - done) / rate / 60
+            print(f"{done:6d} of {n} images  {rate:6.1f} img/s  {left:5.1f} min left", flush=True)
+            last_line = now
+
+def default_labels(config, n):
+    """Sample i of a class-conditional model gets label i mod classes: a class per grid column."""
+    return torch.arange(n) % config.classes if config.class_cond else None
+
+def draw_samples(v, noise, labels, steps, solver, bf16=False, trajectory=None):
+    """Images in [0, 1]: the noise along v, a GuidedField; `trajectory` gets the first chunk's."""
+    device = next(v.model.parameters()).device
+    images = []
+    for part in in_chunks(len(noise)):
+        v.y = None if labels is None else labels[part].to(device)
+        with autocast(device, bf16):
+            images.append(generate(v, noise[part].to(device), steps, solver, trajectory))
+        trajectory = None
+    return torch.cat(images).cpu()
+
+def conditioning(args, config, guide):
+    """Labels and guidance weights, the flags' or the defaults of docs/results.md, or an error."""
+    if not config.class_cond and (args.label is not None or args.guidance is not None):
+        die(f"--label and --guidance need a model trained with --class-cond: {args.ckpt} was not")
+    if args.label is not None and not 0 <= args.label < config.classes:
+        die(f"--label {args.label}: {config.dataset}'s labels run from 0 to {config.classes - 1}")
+    if guide is None and args.autoguidance not in (None, 1.0):
+        die(f"{args.ckpt} holds no guide for --autoguidance: its run ended before a quarter of it")
+    labels = default_labels(config, args.n)
+    if args.label is not None:
+        labels = torch.full((args.n,), args.label)
+    guidance = 2.0 if config.class_cond else 1.0
+    autoguidance = 1.0 if config.class_cond or guide is None else 2.5
+    guidance = guidance if args.guidance is None else args.guidance
+    autoguidance = autoguidance if args.autoguidance is None else args.autoguidance
+    return labels, guidance, autoguidance
+
+def sample(args):
+    config, model, guide, device = load_model(args)
+    labels, guidance, autoguidance = conditioning(args, config, guide)
+    seeded = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(args.n, *config.image_shape, generator=seeded)
+    frames = [noise[:128].to(device)] if args.trajectory else None  # x_t of the first chunk
+    v = GuidedField(model, None, guidance, guide, autoguidance)
+    bf16 = use_bfloat16(device, args.fp32)                          # as in train; x stays float32
+    start = time.perf_counter()
+    images = draw_samples(v, noise, labels, args.steps, args.solver, bf16, frames)
+    seconds = time.perf_counter() - start
+    nrow = math.ceil(math.sqrt(args.n))
+    if config.class_cond and args.label is None:
+        nrow = config.classes                                       # a class per column
+    if args.out:
+        write_images(images, args.out, nrow)
+    if args.trajectory:                                             # a row per sample
+        write_images(trajectory_rows(frames), args.trajectory, len(frames))
+    written = " and ".join(path for path in (args.out, args.trajectory) if path)
+    weights = f"guidance {guidance:g}, " if config.class_cond else ""
+    print(f"{args.n} samples in {seconds:.1f} s: {args.solver}, {args.steps} steps, {weights}"
+          f"autoguidance {autoguidance:g}, {v.passes / args.n:g} network evaluations each; "
+          f"wrote {written}")
+
+def trajectory_rows(frames, samples=8):
+    """x_t after each step for the first `samples` samples, a row each, from x_0 on the left."""
+    rows = torch.stack([x[:samples] for x in frames], dim=1)        # (samples, frames, C, H, W)
+    return to_unit_scale(rows.flatten(0, 1)).cpu()
+
+def write_images(images, path, nrow):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".pt"):
+        torch.save(images, path)
+    else:
+        save_image(images, path, nrow=nrow)
+
+def likelihood(args):
+    """Bits/dim of test images; a class-conditional model's unconditional density, v given ∅."""
+    config, model, _, device = load_model(args)
+    images, _ = load_data(config.dataset, args.data_dir, train=False)
+    torch.manual_seed(args.seed)                                    # which images, U and ε
+    pixels = images[torch.randperm(len(images))[:args.n]].to(device)
+    v = GuidedField(model)
+    start = time.perf_counter()
+    bpd = [bits_per_dim(pixels[part], v, args.steps, args.solver) for part in in_chunks(args.n)]
+    bpd = torch.cat(bpd).cpu()
+    print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} "
+          f"{config.dataset} test images in {time.perf_counter() - start:.1f} s: {args.solver}, "
+          f"{args.steps} steps, {v.passes / len(bpd):g} network evaluations (and gradients) each")
+
+# --- 13. Command line -----------------------------------------------------------------------------
+def die(message):
+    """A user's mistake: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
 def checked(kind, ok, what):
     """An argparse type: kind(text), which must satisfy ok; argparse's errors name it `what`."""
     def parse(text):
@@ -557,20 +657,18 @@ class Parser(argparse.ArgumentParser):
 def config_flag(parser, name, help, **kwargs):
     """A train flag for RunConfig's `name`; absent from args unless given, for --resume to see."""
     default = getattr(RunConfig, name)
-    if default is not None:
+    if default not in (None, False):
         help += f" (default {shown(default)})"
     flag = "--" + name.replace("_", "-")
     parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help, **kwargs)
 
-TRAIN_NOTE = """A run stops at --steps or --minutes, whichever comes first; its learning rate
-decays to zero there. --resume continues the run in --out as it was set up, and a --steps or
---minutes given with it replaces the budget: the decay then stretches to the new end."""
-
 def train_flags(parser):
     config_flag(parser, "dataset", "torchvision data set", choices=sorted(DATASETS))
+    config_flag(parser, "class_cond", "learn v(x, t, label) too; 1 label in 10 is dropped",
+                action="store_true")
     config_flag(parser, "steps", "stop after this many optimizer steps in all", type=COUNT)
-    config_flag(parser, "minutes", "stop after this many minutes of training in all "
-                "(default 10 if --steps is not given)", type=POSITIVE)
+    config_flag(parser, "minutes", "stop after this many minutes of training in all, unless "
+                "--steps alone is given", type=POSITIVE)
     config_flag(parser, "batch_size", "images per optimizer step", type=COUNT)
     config_flag(parser, "lr", "peak learning rate of Adam", type=POSITIVE)
     config_flag(parser, "widths", "U-Net channels per resolution, from the top", type=WIDTHS)
@@ -578,17 +676,20 @@ def train_flags(parser):
     config_flag(parser, "seed", "the same seed trains the same weights", type=SEED)
     config_flag(parser, "save_every", "save ckpt.pt and a grid every this many steps", type=COUNT)
     parser.add_argument("--out", default="runs/mnist", help="run folder (default %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out as it was "
+                        "set up; a --steps or --minutes given with it replaces the budget")
 
 def sample_flags(parser):
     parser.add_argument("--steps", type=COUNT, default=5, help="solver steps (default %(default)s)")
     parser.add_argument("--n", type=COUNT, default=64, help="samples (default %(default)s)")
-    parser.add_argument("--out", help=".png for a grid, .pt for a tensor (N, 1, 28, 28) in [0, 1] "
+    parser.add_argument("--out", help=".png for a grid, .pt for a tensor (N, C, H, W) in [0, 1] "
                         "(default samples.png, unless --trajectory is all that is asked)")
-    parser.add_argument("--autoguidance", type=WEIGHT, metavar="WEIGHT",
-                        help="1 is the network alone (default 2.5, or 1 for a run without a guide)")
-    parser.add_argument("--trajectory", help="also save x_t from noise to image for 8 samples, "
-                        "a row each, to this .png")
+    parser.add_argument("--label", type=int, help="draw this class from a class-conditional "
+                        "model (default: sample i draws class i mod 10, a class per column)")
+    parser.add_argument("--guidance", type=WEIGHT, metavar="W", help="classifier-free (default 2)")
+    parser.add_argument("--autoguidance", type=WEIGHT, metavar="W", help="1 for none (default "
+                        "2.5 for an unconditional model with a guide, else 1)")
+    parser.add_argument("--trajectory", help="also save x_t of 8 samples, a row each, to this .png")
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -596,7 +697,10 @@ def parse_args(argv=None):
     data = Parser(add_help=False)
     data.add_argument("--data-dir", default="./data",
                       help="the data set's folder; torchvision downloads it there (default ./data)")
-    reader = Parser(add_help=False)
+    device = Parser(add_help=False)
+    device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to run; auto takes cuda, then mps, then cpu (default auto)")
+    reader = Parser(add_help=False, parents=[device])
     reader.add_argument("--ckpt", required=True, help="checkpoint written by train")
     reader.add_argument("--solver", default="rk4", choices=sorted(SOLVERS),
                         help="ODE solver (default %(default)s)")
@@ -604,7 +708,7 @@ def parse_args(argv=None):
     precision = Parser(add_help=False)                              # train's and sample's
     precision.add_argument("--fp32", action="store_true",
                            help="no bfloat16 autocast (on by itself on CUDA and AVX-512 BF16 CPUs)")
-    train_flags(commands.add_parser("train", parents=[data, precision], description=TRAIN_NOTE,
+    train_flags(commands.add_parser("train", parents=[data, device, precision],
                                     help="train a velocity network"))
     sample_flags(commands.add_parser("sample", parents=[reader, precision], help="draw samples"))
     lk = commands.add_parser("likelihood", parents=[data, reader], help="bits/dim")
@@ -644,7 +748,11 @@ def check_writable(path, endings):
 def main(argv=None):
     args = parse_args(argv)
     commands = {"train": train, "sample": sample, "likelihood": likelihood}
-    commands[args.command](args)
+    try:
+        commands[args.command](args)
+    except BrokenPipeError:                                         # `... | head -1` read enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

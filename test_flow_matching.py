@@ -1,6 +1,6 @@
-"""Tests for flow_matching.py, in the script's section order. Most check an identity of flow
-matching numerically on a case whose answer is known in closed form; the others check what the
-commands do, on fake data small enough to learn in seconds.
+"""Tests for flow_matching.py, in the script's two parts and its section order. Most of Part I's
+check an identity of flow matching numerically on a case whose answer is known in closed form;
+Part II's check what the commands do, on fake data sets small enough to learn in seconds.
 Run: python -m pytest -q test_flow_matching.py"""
 import argparse
 import contextlib
@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torchvision
 
 import flow_matching as fm
 
@@ -44,6 +46,8 @@ def read_png(path):
         return pil_to_tensor(image)
 
 
+# --- Fake data sets, each unlike the others -------------------------------------------------------
+
 def write_idx(path, array):
     """torchvision's on-disk MNIST format: a magic number (8 = unsigned bytes, then the number of
     dimensions), each dimension as a big-endian int32, then the bytes."""
@@ -54,26 +58,68 @@ def write_idx(path, array):
         f.write(array.to(torch.uint8).numpy().tobytes())
 
 
-def fake_mnist(root, folder="MNIST", n_train=64, n_test=16):
-    """Bright squares on black, the class saying where: small enough to learn in seconds."""
+def squares(k):
+    """Fake MNIST's image of class k: a bright 8x6 square on black, the class saying where."""
+    image = torch.zeros(28, 28)
+    r, c = 2 + 8 * (k // 4), 2 + 6 * (k % 4)
+    image[r:r + 8, c:c + 6] = 255
+    return image
+
+
+def bars(k):
+    """Fake Fashion-MNIST's image of class k: a grey bar across the image, 2 rows, at row 2 + 2k."""
+    image = torch.zeros(28, 28)
+    image[2 + 2 * k:4 + 2 * k, 2:26] = 128
+    return image
+
+
+def fake_mnist(root, folder="MNIST", n_train=64, n_test=16, draw=squares):
+    """Images of `draw`, class i mod 10 for image i: small enough to learn in seconds."""
     raw = os.path.join(root, folder, "raw")
     os.makedirs(raw, exist_ok=True)
     for split, n in [("train", n_train), ("t10k", n_test)]:
         labels = torch.arange(n) % 10
-        images = torch.zeros(n, 28, 28)
-        for i, k in enumerate(labels.tolist()):
-            r, c = 2 + 8 * (k // 4), 2 + 6 * (k % 4)
-            images[i, r:r + 8, c:c + 6] = 255
+        images = torch.stack([draw(k) for k in labels.tolist()])
         write_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), images)
         write_idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), labels)
+    return root
+
+
+def colour_squares(k):
+    """Fake CIFAR-10's image of class k, (32, 32, 3): a square of colour k in the left half."""
+    image = torch.zeros(32, 32, 3, dtype=torch.uint8)
+    image[4 + 2 * k:12 + 2 * k, 2:10] = torch.tensor([25 * k, 255 - 25 * k, 100])
+    return image
+
+
+def fake_cifar(root, per_batch=10):
+    """CIFAR-10's python format: pickled dicts of rows of 3072 bytes (the planes R, G, B), in
+    five training batches and a test batch, and the class names."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        labels = [i % 10 for i in range(per_batch)]
+        rows = torch.stack([colour_squares(k).permute(2, 0, 1).flatten() for k in labels])
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": rows.numpy(), "labels": labels}, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class {k}" for k in range(10)]}, f)
     return root
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
-    fake_mnist(root, "FashionMNIST")                                # the same format
+    fake_mnist(root, "FashionMNIST", draw=bars)
+    fake_cifar(root)
     return fake_mnist(root)
+
+
+@pytest.fixture
+def cifar(monkeypatch):
+    """The fake CIFAR-10 cannot match torchvision's checksums of the real files: skip the check."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
 
 
 def load(path):
@@ -105,6 +151,36 @@ def run(data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def cond_run(data, tmp_path_factory):
+    """A tiny class-conditional run of 12 steps. 16 channels: GroupNorm's 8 groups of one channel
+    each would wipe out the embeddings' per-channel shifts, and the label with them."""
+    out = tmp_path_factory.mktemp("cond_run")
+    main("train", "--data-dir", data, "--out", out, "--steps", 12, "--class-cond",
+         "--widths", "16,16", "--batch-size", 8)
+    return out
+
+
+class Constant(torch.nn.Module):
+    """A 'network' whose velocity is a constant, or, given labels, the constant plus 100 times
+    the label (the null label: nothing added); it counts its passes."""
+    def __init__(self, value, classes=10):
+        super().__init__()
+        self.value, self.classes, self.passes = value, classes, 0
+
+    def forward(self, x, t, y=None):
+        self.passes += 1
+        v = torch.full_like(x, self.value)
+        if y is not None:
+            shift = torch.where(y == self.classes, 0, 100 * y).float()
+            v = v + shift.view(-1, *[1] * (x.dim() - 1))
+        return v
+
+
+# ==================================================================================================
+# Part I: the method
+# ==================================================================================================
+
 # --- 1. Time embedding ----------------------------------------------------------------------------
 
 def test_time_embedding_varies_slowly_and_quickly_across_the_unit_interval():
@@ -118,20 +194,33 @@ def test_time_embedding_varies_slowly_and_quickly_across_the_unit_interval():
     slow = e[:, [0, 32]]                                            # sin and cos at 1 rad per t
     assert (slow[0] - slow[3]).norm() > 0.9                         # |(sin 1, cos 1) - (0, 1)|
     assert (e[1] - e[2]).abs().max() > 0.3                          # the fastest separate Δt = 5e-4
+    torch.testing.assert_close(e[1, 31], torch.tensor(math.sin(500.0)))   # ω = 1000 at the top
 
 
 # --- 2. Velocity network --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size", [28, 32])
-def test_network_output_has_the_input_shape_and_depends_on_t(size):
-    net = randomize(fm.VelocityNet(widths=[8, 16, 16, 16]))
-    x = torch.randn(2, 1, size, size)
+@pytest.mark.parametrize("channels, size", [(1, 28), (1, 32), (3, 32)])
+def test_network_output_has_the_input_shape_and_depends_on_t(channels, size):
+    net = randomize(fm.VelocityNet(channels, widths=[8, 16, 16, 16]))
+    x = torch.randn(2, channels, size, size)
     v0, v1 = net(x, torch.zeros(2)), net(x, torch.full((2,), 0.7))
     assert v0.shape == x.shape
     assert (v0 - v1).abs().mean() > 1e-3 * v0.abs().mean()
 
 
-# --- 3. The OT probability path -------------------------------------------------------------------
+def test_network_output_depends_on_the_label_and_no_label_is_the_null_label():
+    """Labels 0 and 1 give other velocities; y=None is label `classes`, ∅. An unconditional
+    network has no label embedding at all."""
+    net = randomize(fm.VelocityNet(1, widths=[8, 16], classes=10))
+    x, t = torch.randn(3, 1, 28, 28), torch.rand(3)
+    v0, v1 = net(x, t, torch.zeros(3, dtype=torch.long)), net(x, t, torch.ones(3, dtype=torch.long))
+    assert (v0 - v1).abs().mean() > 1e-3 * v0.abs().mean()
+    assert net.label_emb.num_embeddings == 11
+    torch.testing.assert_close(net(x, t), net(x, t, torch.full((3,), 10)))
+    assert not hasattr(fm.VelocityNet(1, widths=[8, 16]), "label_emb")
+
+
+# --- 3. The OT probability path and the times t ---------------------------------------------------
 
 SIGMA = 0.1
 
@@ -169,14 +258,24 @@ def test_path_given_x1_is_gaussian_with_mean_t_x1_and_std_sigma_t():
                                    rtol=0)
 
 
+def test_training_times_are_logit_normal():
+    """t = σ(s), s ~ N(0, 1): logit(t) has mean 0 and standard deviation 1."""
+    torch.manual_seed(0)
+    t = fm.draw_t(100_000)
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean()) < 0.02 and abs(logit.std() - 1) < 0.02
+
+
 # --- 4. The conditional flow matching loss --------------------------------------------------------
 
-def test_cfm_loss_is_the_mean_squared_error_to_the_target():
-    net = randomize(fm.VelocityNet(widths=[8, 16, 16]))
+def test_cfm_loss_is_the_mean_squared_error_to_the_target_given_the_labels():
+    net = randomize(fm.VelocityNet(1, widths=[8, 16, 16], classes=10))
     x0, x1, t = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.rand(3)
+    y = torch.tensor([1, 4, 10])
     xt, u = fm.ot_path(x0, x1, t, SIGMA)
-    expected = ((net(xt, t) - u) ** 2).mean()
-    torch.testing.assert_close(fm.cfm_loss(net, x0, x1, t, SIGMA), expected)
+    expected = ((net(xt, t, y) - u) ** 2).mean()
+    torch.testing.assert_close(fm.cfm_loss(net, x0, x1, t, SIGMA, y), expected)
+    assert fm.cfm_loss(net, x0, x1, t, SIGMA) != expected           # no labels: ∅ for each
 
 
 # For data made of K points the marginal velocity has a closed form: the conditional velocities
@@ -248,36 +347,122 @@ def test_integrating_the_marginal_velocity_lands_on_the_data():
     torch.testing.assert_close(share, torch.full((3,), 1 / 3, dtype=share.dtype), atol=0.03, rtol=0)
 
 
-# --- 5. Data --------------------------------------------------------------------------------------
+# --- 5. A training step ---------------------------------------------------------------------------
 
 def test_a_batch_pairs_standard_normal_noise_with_images_and_logit_normal_times():
-    """x0 ~ N(0, I); x1 the chosen images on the model's scale; logit(t) ~ N(0, 1)."""
+    """x0 ~ N(0, I); x1 the chosen images on the model's scale; logit(t) ~ N(0, 1); no labels."""
     torch.manual_seed(0)
     images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 8, 8) * 60
-    x0, x1, t = fm.draw_batch(images, 20_000)
+    x0, x1, t, y = fm.draw_batch(images, 20_000)
     assert abs(x0.mean()) < 0.01 and abs(x0.std() - 1) < 0.01
     torch.testing.assert_close(x1.unique(), torch.tensor([0.0, 60, 120, 180]) / 127.5 - 1)
     logit = torch.log(t / (1 - t))
     assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
+    assert y is None
 
 
-def test_images_load_as_one_channel_bytes(data):
-    images = fm.load_images("mnist", data, train=False)
-    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.uint8
-    assert images[3, 0, 2, 20] == 255 and images[3, 0, 2, 19] == 0  # class 3: a square at column 20
+def test_each_label_becomes_the_null_label_one_time_in_ten_drawn_per_image():
+    """Labels follow their images; ∅ (here 10) replaces 10% of them, a different 10% in each
+    batch, and in batches of 8 some hold ∅ and some do not: drawn per image, not per batch."""
+    torch.manual_seed(0)
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1) * 20
+    labels = torch.arange(10)
+    _, x1, _, y = fm.draw_batch(images, 50_000, labels, null_label=10)
+    kept = y != 10
+    assert (y[kept] == ((x1[kept].flatten() + 1) * 127.5 / 20).round().long()).all()
+    assert (1 - kept.float().mean()).item() == pytest.approx(0.1, abs=0.005)
+    mixed = [fm.draw_batch(images, 8, labels, null_label=10)[3] for _ in range(200)]
+    assert any(0 < (y == 10).sum() < 8 for y in mixed)
 
 
-def test_missing_data_names_its_folder_and_files_and_leaves_no_folders(tmp_path, monkeypatch,
-                                                                        capsys):
-    for proxy in ["http_proxy", "https_proxy"]:                     # no download
-        monkeypatch.setenv(proxy, OFFLINE[proxy])
-    with pytest.raises(SystemExit) as stop:
-        fm.load_images("fashion-mnist", str(tmp_path / "data"))
-    assert stop.value.code == 2
-    error = capsys.readouterr().err
-    assert str(tmp_path / "data" / "FashionMNIST" / "raw") in error
-    assert "t10k-labels-idx1-ubyte.gz" in error
-    assert os.listdir(tmp_path) == []
+def test_flip_mirrors_about_half_the_images_left_to_right_and_only_when_asked():
+    torch.manual_seed(0)
+    image = torch.zeros(1, 1, 2, 2, dtype=torch.uint8)
+    image[..., 0] = 255                                             # a bright left column
+    _, x1, _, _ = fm.draw_batch(image, 4000, flip=True)
+    bright_left = x1[:, 0, 0, 0] > 0
+    assert bright_left.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (x1[bright_left, ..., 1] < 0).all() and (x1[~bright_left, ..., 1] > 0).all()
+    _, x1, _, _ = fm.draw_batch(image, 100)
+    assert (x1[..., 0] > 0).all()
+
+
+def tiny_state(seed=0, classes=0):
+    torch.manual_seed(seed)
+    net = fm.VelocityNet(1, widths=[8, 16, 16], classes=classes)
+    return net, fm.copy.deepcopy(net).requires_grad_(False), fm.adam(net, 3e-3)
+
+
+def test_training_lowers_the_loss_on_a_tiny_data_set():
+    """Two 8x8 images, a pattern and its negative: the zero field scores E||u||² / D = 2, and a net
+    that learns where x_t is heading does far better."""
+    model, ema, opt = tiny_state()
+    pattern = (torch.rand(1, 1, 8, 8) > 0.5).to(torch.uint8) * 255
+    images = torch.cat([pattern, 255 - pattern])
+    losses = []
+    for step in range(150):
+        batch = fm.draw_batch(images, 32)
+        losses.append(fm.train_step(model, ema, opt, batch, 3e-3, step))
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+
+
+def test_labels_tell_a_class_conditional_network_which_image_to_draw():
+    """The same two 8x8 images, labelled 0 and 1: given the label, the network knows x1 itself,
+    so its loss falls far below the unconditional one, whose best is the mean of the two."""
+    pattern = (torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5)
+    images = torch.cat([pattern, ~pattern]).to(torch.uint8) * 255
+    labels = torch.tensor([0, 1])
+    final = {}
+    for classes in (0, 2):
+        model, ema, opt = tiny_state(classes=classes)
+        losses = []
+        for step in range(300):
+            batch = fm.draw_batch(images, 32, labels if classes else None, null_label=2)
+            losses.append(fm.train_step(model, ema, opt, batch, 3e-3, step))
+        final[classes] = sum(losses[-30:]) / 30
+    assert final[2] < 0.7 * final[0]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    assert fm.learning_rate(1.0, 0, 0.0, warmup=10) == pytest.approx(0.1)
+    assert fm.learning_rate(1.0, 50, 0.5, warmup=10) == pytest.approx(0.5)
+    assert fm.learning_rate(1.0, 99, 1.0, warmup=10) == 0.0
+    assert fm.learning_rate(1.0, 99, 0.0) == pytest.approx(0.5)     # 200 steps of warm-up
+
+
+def test_adam_remembers_gradients_with_beta2_0_99():
+    (group,) = fm.adam(torch.nn.Linear(2, 2), 1e-3).param_groups
+    assert group["betas"] == (0.9, 0.99) and group["lr"] == 1e-3 and group["weight_decay"] == 0
+
+
+def test_ema_follows_the_weights_with_its_decay_and_a_short_memory_while_young():
+    """e ← d e + (1 - d) p with d = min(decay, (1 + step) / (10 + step)): 1/10 at step 0."""
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for step, decay in [(10_000, 0.9), (0, 0.1)]:
+        before = b.weight.detach().clone()
+        fm.ema_update(b, a, step=step, decay=0.9)
+        torch.testing.assert_close(b.weight, decay * before + (1 - decay) * a.weight.detach())
+    before = b.weight.detach().clone()
+    fm.ema_update(b, a, step=10 ** 6)                               # the default decay, 0.999
+    torch.testing.assert_close(b.weight, 0.999 * before + 0.001 * a.weight.detach())
+
+
+def test_a_training_step_clips_the_gradient_norm_to_1():
+    """Targets a thousand times too large: the gradient the step used has norm 1."""
+    model, ema, opt = tiny_state()
+    x0, x1, t, _ = fm.draw_batch(torch.full((2, 1, 8, 8), 255, dtype=torch.uint8), 16)
+    fm.train_step(model, ema, opt, (x0, 1000 * x1, t, None), 1e-3, 0)
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+def test_autocast_runs_the_network_in_bfloat16_only_when_asked():
+    """bf16: a bfloat16 convolution inside; otherwise float32, with the device type set aside."""
+    conv = torch.nn.Conv2d(1, 1, 1)
+    with fm.autocast(torch.device("cpu"), True):
+        assert conv(torch.randn(1, 1, 2, 2)).dtype == torch.bfloat16
+    with fm.autocast(torch.device("mps"), False):
+        assert conv(torch.randn(1, 1, 2, 2)).dtype == torch.float32
 
 
 # --- 6. Samplers ----------------------------------------------------------------------------------
@@ -340,51 +525,323 @@ def test_integrate_backwards_undoes_forwards_and_records_each_step():
     torch.testing.assert_close(back, x0, atol=1e-7, rtol=0)
 
 
-# --- 7. Training ----------------------------------------------------------------------------------
+# --- 7. Guidance ----------------------------------------------------------------------------------
 
-def tiny_state(seed=0):
-    torch.manual_seed(seed)
-    net = fm.VelocityNet(widths=[8, 16, 16])
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    return fm.TrainState(net, fm.copy.deepcopy(net).requires_grad_(False), opt)
-
-
-def test_training_lowers_the_loss_on_a_tiny_data_set():
-    """Two 8x8 images, a pattern and its negative: the zero field scores E||u||² / D = 2, and a net
-    that learns where x_t is heading does far better."""
-    state = tiny_state()
-    pattern = (torch.rand(1, 1, 8, 8) > 0.5).to(torch.uint8) * 255
-    images = torch.cat([pattern, 255 - pattern])
-    losses = []
-    for step in range(150):
-        state.step = step
-        batch = fm.draw_batch(images, 32)
-        losses.append(fm.train_step(state, batch, 3e-3, sigma_min=0.0, bf16=False))
-    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+@pytest.mark.parametrize("w, expected, passes", [(0.0, 11.0, 2), (1.0, 1.0, 1), (2.0, -9.0, 2)])
+def test_autoguidance_mixes_the_network_and_its_guide(w, expected, passes):
+    """v = v_guide + w (v - v_guide), here v = 1 and v_guide = 11: w = 0 is the guide, w = 1 the
+    network alone (one network evaluation, not two), w > 1 pushes past the network."""
+    model, guide = Constant(1.0), Constant(11.0)
+    v = fm.GuidedField(model, guide=guide, autoguidance=w)
+    assert torch.equal(v(torch.zeros(2, 5), 0.3), torch.full((2, 5), expected))
+    assert model.passes + guide.passes == passes
+    assert v.passes == 2 * passes                                   # passes over single images
 
 
-def test_learning_rate_warms_up_then_decays_to_zero():
-    assert fm.learning_rate(1.0, 0, 0.0, warmup=10) == pytest.approx(0.1)
-    assert fm.learning_rate(1.0, 50, 0.5, warmup=10) == pytest.approx(0.5)
-    assert fm.learning_rate(1.0, 99, 1.0, warmup=10) == 0.0
+@pytest.mark.parametrize("w", [0.0, 1.0, 3.0])
+def test_classifier_free_guidance_mixes_the_label_and_the_null_label(w):
+    """v = v_null + w (v_y - v_null): with v_y = 1 + 100 y and v_null = 1, label 2 gives
+    1 + 200 w, label 0 gives 1 at any w; the network alone (w = 1) runs once."""
+    model = Constant(1.0)
+    v = fm.GuidedField(model, y=torch.tensor([2, 0]), guidance=w)
+    out = v(torch.zeros(2, 3), 0.5)
+    torch.testing.assert_close(out, torch.tensor([[1 + 200 * w] * 3, [1.0] * 3]))
+    assert (model.passes, v.passes) == ((1, 2) if w == 1 else (2, 4))
 
 
-def test_ema_follows_the_weights_with_its_decay_and_a_short_memory_while_young():
-    """e ← d e + (1 - d) p with d = min(decay, (1 + step) / (10 + step)): 1/10 at step 0."""
-    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    for step, decay in [(10_000, 0.9), (0, 0.1)]:
-        before = b.weight.detach().clone()
-        fm.ema_update(b, a, step=step, decay=0.9)
-        torch.testing.assert_close(b.weight, decay * before + (1 - decay) * a.weight.detach())
+def test_both_guidances_add_their_pushes():
+    """v + (w_cfg - 1)(v - v_null) + (w_ag - 1)(v - v_guide), three networks' passes: v_y = 201
+    (label 2), v_null = 1, v_guide = 211 (the guide given the same label): 201 + 200 - 10 = 391."""
+    model, guide = Constant(1.0), Constant(11.0)
+    v = fm.GuidedField(model, torch.tensor([2]), 2.0, guide, 2.0)
+    assert v(torch.zeros(1, 1), 0.5).item() == 391.0
+    assert (model.passes, guide.passes, v.passes) == (2, 1, 3)
 
 
-def test_a_training_step_clips_the_gradient_norm_to_1():
-    """Targets a thousand times too large: the gradient the step used has norm 1."""
-    state = tiny_state()
-    x0, x1, t = fm.draw_batch(torch.full((2, 1, 8, 8), 255, dtype=torch.uint8), 16)
-    fm.train_step(state, (x0, 1000 * x1, t), 1e-3, sigma_min=0.0, bf16=False)
-    norm = torch.cat([p.grad.flatten() for p in state.model.parameters()]).norm()
-    assert norm == pytest.approx(1.0, rel=1e-4)
+@pytest.mark.parametrize("t, guided", [(0.0, False), (0.19, False), (0.2, True), (0.5, True),
+                                       (0.8, True), (0.81, False), (1.0, False)])
+def test_the_guide_acts_only_mid_path(t, guided):
+    """With the default times, v = v_guide + 2 (v - v_guide) = -9 for 0.2 ≤ t ≤ 0.8, and outside
+    the network alone, 1, in one pass; times=(0, 1) guides everywhere. The same for
+    classifier-free guidance."""
+    model, guide = Constant(1.0), Constant(11.0)
+    v = fm.GuidedField(model, guide=guide, autoguidance=2.0)
+    assert v(torch.zeros(3), t).unique().tolist() == [-9.0 if guided else 1.0]
+    assert (model.passes, guide.passes, v.passes) == (1, int(guided), 3 * (1 + guided))
+    everywhere = fm.GuidedField(model, guide=guide, autoguidance=2.0, times=(0.0, 1.0))
+    assert everywhere(torch.zeros(3), t).unique().tolist() == [-9.0]
+    cfg = fm.GuidedField(model, torch.tensor([1]), guidance=2.0)
+    assert cfg(torch.zeros(1, 1), t).item() == (201.0 if guided else 101.0)
+
+
+# --- 8. Likelihood --------------------------------------------------------------------------------
+
+def gaussian_marginal_field(mu, s):
+    """The exact marginal velocity when the data are N(μ, s² I) and σ_min = 0: x_t ~ N(t μ, σ_t² I)
+    with σ_t² = (1 - t)² + t² s², and v(x, t) = μ + (σ_t'/σ_t) (x - t μ), where
+    σ_t σ_t' = t s² - (1 - t)."""
+    def v(x, t):
+        return mu + (t * s ** 2 - (1 - t)) / ((1 - t) ** 2 + t ** 2 * s ** 2) * (x - t * mu)
+    return v
+
+
+def test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form():
+    """The flow of the exact field carries N(0, I) to N(μ, s² I); the continuity equation must give
+    that density's log at any point. That field's Jacobian is a multiple of I, whose trace random
+    signs give exactly (ε_i² = 1), so one draw of Hutchinson's estimator suffices."""
+    mu, s = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), 0.3
+    x1 = mu + s * torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    truth = torch.distributions.Normal(mu, s).log_prob(x1).sum(1)
+    v = Recorded(gaussian_marginal_field(mu, s))
+    torch.testing.assert_close(fm.log_likelihood(v, x1, 50, "rk4"), truth, atol=1e-3, rtol=0)
+    assert len(v.times) == 200 and v.times[0] == 1.0                # from t=1 back to t=0
+
+
+def test_hutchinson_divergence_is_unbiased():
+    """E_ε[εᵀ J ε] = tr J for random signs ε, on a field whose Jacobian is not diagonal."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 4)
+
+    def v(x, t):
+        return torch.tanh(x @ w) * (1 + t)
+
+    x = torch.randn(1, 4)
+    exact = torch.func.jacrev(lambda x: v(x, 0.5))(x[0]).trace()
+    noise = torch.randint(0, 2, (20_000, 4)).float() * 2 - 1
+    _, estimates = fm.divergence(v, x.repeat(20_000, 1), 0.5, noise)
+    assert abs(estimates.mean() - exact) < 4 * estimates.std() / math.sqrt(len(estimates))
+    assert estimates.std() > 0.01                                   # an estimate, not the trace
+
+
+def test_the_random_signs_are_drawn_once_for_each_path():
+    """log_likelihood draws ε once per sample and keeps it at every evaluation of v."""
+    seen = []
+
+    def v(x, t):
+        return torch.sin(x) * t
+
+    def recording(v, x, t, noise):
+        seen.append(noise)
+        return divergence(v, x, t, noise)
+
+    divergence = fm.divergence
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fm, "divergence", recording)
+        fm.log_likelihood(v, torch.randn(3, 4), 3, "rk4")
+    assert len(seen) == 12 and all(torch.equal(e, seen[0]) for e in seen)
+    assert set(seen[0].unique().tolist()) == {-1.0, 1.0}
+
+
+def test_bits_per_dim_of_a_standard_normal_over_8_bit_pixels():
+    """The zero field leaves N(0, I) in place. A pixel k dequantised to
+    x = (k + U - 1/2) / 127.5 - 1 then costs E[-log N(x)] + ln 127.5 nats:
+    ½ ln 2π + ½ (c² + 1 / (12 · 127.5²)) + ln 127.5 with c = k / 127.5 - 1."""
+    torch.manual_seed(0)
+    k = torch.tensor([0, 40, 128, 255]).repeat(20_000)
+    pixels = k.view(-1, 1, 1, 1).to(torch.uint8)
+    bpd = fm.bits_per_dim(pixels, lambda x, t: 0 * x, 1, "euler")
+    c = k.double() / 127.5 - 1
+    nats = 0.5 * math.log(2 * math.pi) + 0.5 * (c ** 2 + 1 / (12 * 127.5 ** 2)) + math.log(127.5)
+    expected = nats / math.log(2)
+    torch.testing.assert_close(bpd.double().view(-1, 4).mean(0), expected.view(-1, 4).mean(0),
+                               atol=1e-4, rtol=0)
+
+
+# ==================================================================================================
+# Part II: running it
+# ==================================================================================================
+
+# --- 9. Data and devices --------------------------------------------------------------------------
+
+def test_images_load_as_bytes_in_the_shape_of_their_data_set(data, cifar):
+    """MNIST's squares and Fashion-MNIST's bars, (1, 28, 28); CIFAR-10's colour squares, stored
+    (H, W, C), come as (3, 32, 32). Labels come with them."""
+    images, labels = fm.load_data("mnist", data, train=False)
+    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.uint8
+    assert images[3, 0, 2, 20] == 255 and images[3, 0, 2, 19] == 0  # class 3: a square at column 20
+    assert labels.tolist() == [i % 10 for i in range(16)]
+    fashion, _ = fm.load_data("fashion-mnist", data, train=False)
+    assert torch.equal(fashion[3, 0], bars(3).to(torch.uint8))      # not the squares of MNIST
+    colour, labels = fm.load_data("cifar10", data, train=True)
+    assert colour.shape == (50, 3, 32, 32) and colour.is_contiguous() and len(labels) == 50
+    assert torch.equal(colour[7], colour_squares(7).permute(2, 0, 1))
+
+
+def test_missing_data_names_its_folder_and_files_and_leaves_no_folders(tmp_path, monkeypatch,
+                                                                        capsys):
+    for proxy in ["http_proxy", "https_proxy"]:                     # no download
+        monkeypatch.setenv(proxy, OFFLINE[proxy])
+    with pytest.raises(SystemExit) as stop:
+        fm.load_data("fashion-mnist", str(tmp_path / "data"))
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert str(tmp_path / "data" / "FashionMNIST" / "raw") in error
+    assert "t10k-labels-idx1-ubyte.gz" in error
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_cifar10_names_the_archive_and_the_folder_torchvision_unpacks_it_to(
+        tmp_path, monkeypatch, capsys):
+    for proxy in ["http_proxy", "https_proxy"]:
+        monkeypatch.setenv(proxy, OFFLINE[proxy])
+    root = tmp_path / "data"
+    with pytest.raises(SystemExit) as stop:
+        fm.load_data("cifar10", str(root))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and line.startswith("error: cifar10 is not in")
+    assert f"{root / 'cifar-10-batches-py'} and" in line
+    assert f"cifar-10-python.tar.gz in {root}" in line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"),
+                                                 (False, False, "cpu")])
+def test_device_auto_takes_cuda_then_mps_then_the_cpu(cuda, mps, expected, monkeypatch, capsys):
+    """--device auto finds what there is; a device asked for that is not there: one error line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert fm.pick_device("auto") == torch.device(expected)
+    assert fm.pick_device("cpu") == torch.device("cpu")
+    for name, present in [("cuda", cuda), ("mps", mps)]:
+        if present:
+            assert fm.pick_device(name) == torch.device(name)
+            continue
+        with pytest.raises(SystemExit) as stop:
+            fm.pick_device(name)
+        assert stop.value.code == 2 and f"no {name} device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_bfloat16_is_used_only_where_it_is_native(cpu_bf16, monkeypatch):
+    """CUDA: when it supports bfloat16; the CPU: with AVX-512 BF16; MPS: never; --fp32: never."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: not cpu_bf16)
+    assert fm.use_bfloat16(torch.device("cpu"), False) == cpu_bf16
+    assert fm.use_bfloat16(torch.device("cuda"), False) == (not cpu_bf16)
+    assert not fm.use_bfloat16(torch.device("mps"), False)
+    for device in ["cpu", "cuda", "mps"]:
+        assert not fm.use_bfloat16(torch.device(device), True)
+
+
+# --- 10. The run's settings and checkpoints -------------------------------------------------------
+
+def test_train_writes_a_checkpoint_with_its_settings_and_sample_grids(run):
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["step"] == 12 and ckpt["guide"] is not None
+    config = fm.RunConfig(**ckpt["config"])
+    assert (config.widths, config.batch_size, config.steps, config.save_every) == ((8, 8), 8, 12, 6)
+    assert (config.dataset, config.lr, config.sigma_min) == ("mnist", 2e-3, 0.0)
+    assert (config.class_cond, config.image_shape, config.classes) == (False, (1, 28, 28), 10)
+    assert (run / "samples_000006.png").exists() and (run / "samples_000012.png").exists()
+    assert not (run / "ckpt.pt.tmp").exists()
+
+
+def test_a_new_run_takes_the_flags_given_over_the_defaults_and_10_minutes_without_a_budget():
+    config, ckpt = fm.run_config(argparse.Namespace(resume=False, lr=1e-3))
+    assert ckpt is None and config == fm.RunConfig(lr=1e-3, minutes=10.0)
+    config, _ = fm.run_config(argparse.Namespace(resume=False, steps=5))
+    assert (config.steps, config.minutes) == (5, None)              # --steps alone: no clock limit
+    assert fm.RunConfig().minutes == 10.0 and fm.RunConfig().save_every == 1000
+
+
+def test_a_budget_given_with_resume_replaces_the_runs_budget(data, tmp_path):
+    """--steps or --minutes with --resume is the whole new budget; neither keeps the run's own."""
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 1, "--minutes", 60, *TINY)
+    given = dict(resume=True, out=str(tmp_path))
+    config, _ = fm.run_config(argparse.Namespace(**given, steps=3))
+    assert (config.steps, config.minutes) == (3, None)
+    config, _ = fm.run_config(argparse.Namespace(**given, minutes=5.0))
+    assert (config.steps, config.minutes) == (None, 5.0)
+    config, _ = fm.run_config(argparse.Namespace(**given))
+    assert (config.steps, config.minutes) == (1, 60.0)
+
+
+def test_resume_keeps_the_run_settings_and_its_clock(data, tmp_path):
+    """--resume --steps N continues with the stored learning rate, batch size and widths, and adds
+    its time to the run's: the learning rate's schedule and a --minutes budget count all of it."""
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 2, "--lr", 1e-3,
+         "--widths", "8,16", "--batch-size", 4)
+    ckpt = load(tmp_path / "ckpt.pt")
+    ckpt["elapsed"] = 3600.0                                        # as if it had trained an hour
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    main("train", "--data-dir", data, "--out", tmp_path, "--resume", "--steps", 4)
+    resumed = load(tmp_path / "ckpt.pt")
+    config = fm.RunConfig(**resumed["config"])
+    assert (config.lr, config.batch_size, config.widths, config.steps) == (1e-3, 4, (8, 16), 4)
+    assert resumed["step"] == 4 and resumed["elapsed"] > 3600
+    last_lr = resumed["optimizer"]["param_groups"][0]["lr"]
+    assert last_lr == pytest.approx(fm.learning_rate(1e-3, 3, 3 / 4))
+    main("train", "--data-dir", data, "--out", tmp_path, "--resume", "--steps", 8, "--minutes", 60)
+    assert load(tmp_path / "ckpt.pt")["step"] == 4                  # the hour was already spent
+
+
+def test_resume_keeps_a_class_conditional_run_class_conditional(cond_run, data, tmp_path):
+    """--resume without --class-cond continues with labels; with it, the same."""
+    for flags in [[], ["--class-cond"]]:
+        out = tmp_path / str(len(flags))
+        out.mkdir()
+        torch.save(load(cond_run / "ckpt.pt"), out / "ckpt.pt")
+        main("train", "--data-dir", data, "--out", out, "--resume", "--steps", 13, *flags)
+        ckpt = load(out / "ckpt.pt")
+        assert ckpt["step"] == 13 and ckpt["config"]["class_cond"]
+        assert "label_emb.weight" in ckpt["model"]
+
+
+def test_a_crash_while_saving_leaves_the_last_checkpoint_whole(run, tmp_path, monkeypatch):
+    ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
+    model, ema = fm.build_model(config, ckpt["model"]), fm.build_model(config, ckpt["ema"])
+    state = fm.TrainState(model, ema, fm.adam(model, 1e-3), step=99)
+    fm.save_run(state, config, str(tmp_path))
+    save = torch.save
+
+    def crash(obj, path):
+        save({"half": "written"}, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fm.torch, "save", crash)
+    state.step = 100
+    with pytest.raises(KeyboardInterrupt):
+        fm.save_run(state, config, str(tmp_path))
+    assert load(tmp_path / "ckpt.pt")["step"] == 99
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    """torch.load with weights_only=True: a pickle whose loading calls a function is not loaded."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    result = cli("sample", "--ckpt", tmp_path / "evil.pt", check=False)
+    assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_from_any_device_loads_on_the_cpu_first(run, monkeypatch):
+    """map_location='cpu': tensors saved on a GPU are read into memory, then moved to --device."""
+    calls, torch_load = [], torch.load
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return torch_load(*args, **kwargs)
+
+    monkeypatch.setattr(fm.torch, "load", recorded)
+    fm.load_checkpoint(str(run / "ckpt.pt"))
+    assert calls == [dict(map_location="cpu", weights_only=True)]
+
+
+# --- 11. The training run -------------------------------------------------------------------------
+
+def test_train_says_what_it_trains_on(data, tmp_path, capsys, cifar):
+    main("train", "--data-dir", data, "--out", tmp_path / "a", "--steps", 1, *TINY)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("mnist: 64 images of 1x28x28 on cpu") and "from step 0" in first
+    assert "M parameters" in first and "class-conditional" not in first
+    main("train", "--data-dir", data, "--out", tmp_path / "b", "--steps", 1, "--class-cond",
+         "--dataset", "cifar10", "--device", "cpu", *TINY)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("cifar10: 50 images of 3x32x32 on cpu")
+    assert "class-conditional" in first
 
 
 def test_the_guide_is_the_ema_after_the_step_that_starts_a_quarter_of_the_way_in(
@@ -471,78 +928,85 @@ def test_resume_after_ctrl_c_gives_the_same_weights_as_an_uninterrupted_run(data
     assert torch.equal(whole["rng"], cut["rng"])
 
 
-def test_resume_keeps_the_run_settings_and_its_clock(data, tmp_path):
-    """--resume --steps N continues with the stored learning rate, batch size and widths, and adds
-    its time to the run's: the learning rate's schedule and a --minutes budget count all of it."""
-    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 2, "--lr", 1e-3,
-         "--widths", "8,16", "--batch-size", 4)
-    ckpt = load(tmp_path / "ckpt.pt")
-    ckpt["elapsed"] = 3600.0                                        # as if it had trained an hour
-    torch.save(ckpt, tmp_path / "ckpt.pt")
-    main("train", "--data-dir", data, "--out", tmp_path, "--resume", "--steps", 4)
-    resumed = load(tmp_path / "ckpt.pt")
-    config = fm.RunConfig(**resumed["config"])
-    assert (config.lr, config.batch_size, config.widths, config.steps) == (1e-3, 4, (8, 16), 4)
-    assert resumed["step"] == 4 and resumed["elapsed"] > 3600
-    last_lr = resumed["optimizer"]["param_groups"][0]["lr"]
-    assert last_lr == pytest.approx(fm.learning_rate(1e-3, 3, 3 / 4))
-    main("train", "--data-dir", data, "--out", tmp_path, "--resume", "--steps", 8, "--minutes", 60)
-    assert load(tmp_path / "ckpt.pt")["step"] == 4                  # the hour was already spent
+class ClosedPipe(io.StringIO):
+    """Standard output whose reader has gone after `lines` writes (`... | head -1`); its file
+    number is a scratch file's, which main points at /dev/null."""
+    def __init__(self, scratch, lines=0):
+        super().__init__()
+        self.scratch, self.lines = scratch, lines
+
+    def write(self, text):
+        if self.lines <= 0:
+            raise BrokenPipeError
+        self.lines -= text.count("\n")
+        return super().write(text)
+
+    def fileno(self):
+        return self.scratch.fileno()
 
 
-def test_a_budget_given_with_resume_replaces_the_runs_budget(data, tmp_path):
-    """--steps or --minutes with --resume is the whole new budget; neither keeps the run's own."""
-    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 1, "--minutes", 60, *TINY)
-    given = dict(resume=True, out=str(tmp_path))
-    config, _ = fm.run_config(argparse.Namespace(**given, steps=3))
-    assert (config.steps, config.minutes) == (3, None)
-    config, _ = fm.run_config(argparse.Namespace(**given, minutes=5.0))
-    assert (config.steps, config.minutes) == (None, 5.0)
-    config, _ = fm.run_config(argparse.Namespace(**given))
-    assert (config.steps, config.minutes) == (1, 60.0)
-
-
-def test_a_new_run_takes_the_flags_given_over_the_defaults_and_10_minutes_without_a_budget():
-    config, ckpt = fm.run_config(argparse.Namespace(resume=False, lr=1e-3))
-    assert ckpt is None and config == fm.RunConfig(lr=1e-3, minutes=10.0)
-    config, _ = fm.run_config(argparse.Namespace(resume=False, steps=5))
-    assert (config.steps, config.minutes) == (5, None)              # --steps alone: no clock limit
-
-
-# --- 8. Sampling, with autoguidance --------------------------------------------------------------
-
-def test_train_writes_a_checkpoint_with_its_settings_and_sample_grids(run):
-    ckpt = load(run / "ckpt.pt")
-    assert ckpt["step"] == 12 and ckpt["guide"] is not None
-    config = fm.RunConfig(**ckpt["config"])
-    assert (config.widths, config.batch_size, config.steps, config.save_every) == ((8, 8), 8, 12, 6)
-    assert (config.dataset, config.lr, config.sigma_min) == ("mnist", 2e-3, 0.0)
-    assert (run / "samples_000006.png").exists() and (run / "samples_000012.png").exists()
-    assert not (run / "ckpt.pt.tmp").exists()
-
-
-def test_the_last_grid_is_drawn_by_the_moving_average_alone(run, tmp_path):
-    """RK4 in 5 steps, from the noises of seed 0, by the EMA of the checkpoint, no autoguidance."""
-    ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
-    ema = fm.build_model(config, ckpt["ema"])
-    noise = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    expected = fm.generate(fm.guided_field(ema), noise, 5, "rk4")
-    fm.save_image(expected, tmp_path / "expected.png", nrow=8)
-    assert torch.equal(read_png(run / "samples_000012.png"),
-                       read_png(tmp_path / "expected.png"))
+def test_a_closed_pipe_stops_training_as_ctrl_c_does_and_ends_quietly(data, tmp_path, capsys,
+                                                                       monkeypatch):
+    """`train | head -1`: the progress line after 10 steps finds no reader, so the run saves at
+    step 10 and the command ends with exit code 1 and nothing on stderr."""
+    with open(tmp_path / "scratch", "w") as scratch:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(scratch, lines=1))
+        with pytest.raises(SystemExit) as stop:
+            main("train", "--data-dir", data, "--out", tmp_path / "r", "--steps", 300, *TINY)
+    assert stop.value.code == 1 and capsys.readouterr().err == ""
+    assert load(tmp_path / "r" / "ckpt.pt")["step"] == 10
 
 
 def test_train_follows_the_path_of_its_sigma_min(data, tmp_path, monkeypatch):
     sigmas, loss = [], fm.cfm_loss
 
-    def recorded(model, x0, x1, t, sigma_min):
+    def recorded(model, x0, x1, t, sigma_min, y=None):
         sigmas.append(sigma_min)
-        return loss(model, x0, x1, t, sigma_min)
+        return loss(model, x0, x1, t, sigma_min, y)
 
     monkeypatch.setattr(fm, "cfm_loss", recorded)
     main("train", "--data-dir", data, "--out", tmp_path, "--steps", 2, "--sigma-min", 0.25, *TINY)
     assert sigmas == [0.25, 0.25]
 
+
+@pytest.mark.parametrize("dataset, class_cond", [("mnist", False), ("fashion-mnist", True),
+                                                 ("cifar10", True)])
+def test_batches_come_from_the_data_set_with_labels_if_asked_and_flips_only_for_cifar10(
+        dataset, class_cond, data, tmp_path, monkeypatch, cifar):
+    """train's batches: its data set's images, its labels with ∅ = 10 when --class-cond, and
+    mirrored images for CIFAR-10 alone."""
+    calls, draw_batch = [], fm.draw_batch
+
+    def recorded(images, batch_size, labels=None, null_label=None, flip=False):
+        calls.append((images, labels, null_label, flip))
+        return draw_batch(images, batch_size, labels, null_label, flip)
+
+    monkeypatch.setattr(fm, "draw_batch", recorded)
+    flags = ["--class-cond"] if class_cond else []
+    main("train", "--data-dir", data, "--out", tmp_path, "--steps", 2, "--dataset", dataset,
+         *flags, *TINY)
+    (images, labels, null_label, flip), _ = calls
+    assert torch.equal(images, fm.load_data(dataset, data)[0])
+    assert (labels is not None) == class_cond and null_label == 10
+    assert flip == (dataset == "cifar10")
+    assert load(tmp_path / "ckpt.pt")["config"]["dataset"] == dataset
+
+
+def test_the_last_grid_is_drawn_by_the_moving_average_alone(run, cond_run, tmp_path):
+    """RK4 in 5 steps, from the noises of seed 0, by the EMA of the checkpoint, no guidance; a
+    class-conditional run's grid has a class per column, 10 columns."""
+    for folder, step, columns in [(run, 12, 8), (cond_run, 12, 10)]:
+        ckpt, config = fm.load_checkpoint(str(folder / "ckpt.pt"))
+        ema = fm.build_model(config, ckpt["ema"])
+        noise = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        labels = torch.arange(64) % 10 if config.class_cond else None
+        expected = fm.generate(fm.GuidedField(ema, labels), noise, 5, "rk4")
+        fm.save_image(expected, tmp_path / "expected.png", nrow=columns)
+        assert torch.equal(read_png(folder / f"samples_{step:06d}.png"),
+                           read_png(tmp_path / "expected.png"))
+
+
+# --- 12. Sampling and likelihood ------------------------------------------------------------------
 
 def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path, capsys):
     base = ["sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6]
@@ -579,7 +1043,7 @@ def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run
                                                   (True, ["--fp32"], False)])
 def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise(
         native, flags, bf16, run, tmp_path, monkeypatch):
-    """sample --seed 3 = generate(guided_field(EMA, guide, 2.5)) from randn with generator seed 3,
+    """sample --seed 3 = generate(GuidedField(EMA, guide, 2.5)) from randn with generator seed 3,
     every sample from its own noise, past the first 128 (sample draws 128 at a time) too; the
     networks run under bfloat16 autocast where train's do: on CPUs with AVX-512 BF16, not --fp32."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
@@ -590,45 +1054,11 @@ def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise
     noise = torch.randn(130, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     expected = {}
     for autocast in (False, True):
+        v = fm.GuidedField(ema, guide=guide, autoguidance=2.5)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            expected[autocast] = fm.generate(fm.guided_field(ema, guide, 2.5), noise, 2, "rk4")
+            expected[autocast] = fm.generate(v, noise, 2, "rk4")
     assert (expected[True] - expected[False]).abs().max() > 1e-4   # 10x the tolerance below
     torch.testing.assert_close(load(tmp_path / "s.pt"), expected[bf16], atol=1e-5, rtol=0)
-
-
-class Constant(torch.nn.Module):
-    """A 'network' whose velocity is a constant; it counts its passes."""
-    def __init__(self, value):
-        super().__init__()
-        self.value, self.passes = value, 0
-
-    def forward(self, x, t):
-        self.passes += 1
-        return torch.full_like(x, self.value)
-
-
-@pytest.mark.parametrize("w, expected, passes", [(0.0, 11.0, 2), (1.0, 1.0, 1), (2.0, -9.0, 2)])
-def test_autoguidance_mixes_the_network_and_its_guide(w, expected, passes):
-    """v = v_guide + w (v - v_guide), here v = 1 and v_guide = 11: w = 0 is the guide, w = 1 the
-    network alone (one network evaluation, not two), w > 1 pushes past the network."""
-    model, guide = Constant(1.0), Constant(11.0)
-    v = fm.guided_field(model, guide, w)
-    assert torch.equal(v(torch.zeros(2, 5), 0.3), torch.full((2, 5), expected))
-    assert model.passes + guide.passes == passes
-    assert v.passes == 2 * passes                                   # passes over single images
-
-
-@pytest.mark.parametrize("t, guided", [(0.0, False), (0.19, False), (0.2, True), (0.5, True),
-                                       (0.8, True), (0.81, False), (1.0, False)])
-def test_the_guide_acts_only_mid_path(t, guided):
-    """With the default times, v = v_guide + 2 (v - v_guide) = -9 for 0.2 ≤ t ≤ 0.8, and outside
-    the network alone, 1, in one pass; times=(0, 1) guides everywhere."""
-    model, guide = Constant(1.0), Constant(11.0)
-    v = fm.guided_field(model, guide, 2.0)
-    assert v(torch.zeros(3), t).unique().tolist() == [-9.0 if guided else 1.0]
-    assert (model.passes, guide.passes, v.passes) == (1, int(guided), 3 * (1 + guided))
-    everywhere = fm.guided_field(model, guide, 2.0, times=(0.0, 1.0))
-    assert everywhere(torch.zeros(3), t).unique().tolist() == [-9.0]
 
 
 def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
@@ -645,58 +1075,58 @@ def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
     assert flow.shape[1:] == (2 + 8 * 30, 2 + 3 * 30)              # 8 samples, x_0, x_0.5, x_1
 
 
-# --- 9. Likelihood -------------------------------------------------------------------------------
-
-def gaussian_marginal_field(mu, s):
-    """The exact marginal velocity when the data are N(μ, s² I) and σ_min = 0: x_t ~ N(t μ, σ_t² I)
-    with σ_t² = (1 - t)² + t² s², and v(x, t) = μ + (σ_t'/σ_t) (x - t μ), where
-    σ_t σ_t' = t s² - (1 - t)."""
-    def v(x, t):
-        return mu + (t * s ** 2 - (1 - t)) / ((1 - t) ** 2 + t ** 2 * s ** 2) * (x - t * mu)
-    return v
-
-
-def test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form():
-    """The flow of the exact field carries N(0, I) to N(μ, s² I); the continuity equation must give
-    that density's log at any point. That field's Jacobian is a multiple of I, whose trace random
-    signs give exactly (ε_i² = 1), so one draw of Hutchinson's estimator suffices."""
-    mu, s = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), 0.3
-    x1 = mu + s * torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    truth = torch.distributions.Normal(mu, s).log_prob(x1).sum(1)
-    v = Recorded(gaussian_marginal_field(mu, s))
-    torch.testing.assert_close(fm.log_likelihood(v, x1, 50, "rk4"), truth, atol=1e-3, rtol=0)
-    assert len(v.times) == 200 and v.times[0] == 1.0                # from t=1 back to t=0
+def test_a_class_conditional_sample_goes_round_the_classes_with_classifier_free_guidance(
+        cond_run, tmp_path, capsys):
+    """No --label: sample i draws class i mod 10, a class per column of the grid; by default with
+    classifier-free guidance 2 mid-path and no autoguidance: 2 RK4 steps, 8 evaluations of v at
+    t = 0, ¼, ¼, ½, ½, ¾, ¾, 1, the null label's at the 6 mid-path ones, so 14 in all."""
+    main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 25, "--steps", 2, "--out",
+         tmp_path / "s.pt", "--fp32")
+    out = capsys.readouterr().out
+    assert "guidance 2, autoguidance 1, 14 network evaluations each" in out
+    ckpt, config = fm.load_checkpoint(str(cond_run / "ckpt.pt"))
+    ema = fm.build_model(config, ckpt["ema"])
+    noise = torch.randn(25, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    v = fm.GuidedField(ema, torch.arange(25) % 10, guidance=2.0)
+    expected = fm.generate(v, noise, 2, "rk4")
+    torch.testing.assert_close(load(tmp_path / "s.pt"), expected, atol=1e-5, rtol=0)
+    main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 25, "--steps", 2, "--out",
+         tmp_path / "s.png")
+    assert read_png(tmp_path / "s.png").shape[1:] == (2 + 3 * 30, 2 + 10 * 30)   # 10 columns
 
 
-def test_hutchinson_divergence_is_unbiased():
-    """E_ε[εᵀ J ε] = tr J for random signs ε, on a field whose Jacobian is not diagonal."""
-    torch.manual_seed(0)
-    w = torch.randn(4, 4)
+def test_a_label_draws_its_class_and_other_labels_draw_other_images(cond_run, tmp_path):
+    """--label K: every sample is class K's, from the same noises; --guidance 1 turns it off."""
+    ckpt, config = fm.load_checkpoint(str(cond_run / "ckpt.pt"))
+    ema = fm.build_model(config, ckpt["ema"])
+    noise = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    samples = {}
+    for label, w in [(3, 2.0), (4, 2.0), (3, 1.0)]:
+        path = tmp_path / f"{label}_{w}.pt"
+        main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 4, "--steps", 2, "--out", path,
+             "--label", label, "--guidance", w, "--fp32")
+        samples[label, w] = load(path)
+        v = fm.GuidedField(ema, torch.full((4,), label), guidance=w)
+        torch.testing.assert_close(samples[label, w], fm.generate(v, noise, 2, "rk4"),
+                                   atol=1e-5, rtol=0)
+    assert not torch.equal(samples[3, 2.0], samples[4, 2.0])
+    assert not torch.equal(samples[3, 2.0], samples[3, 1.0])
 
-    def v(x, t):
-        return torch.tanh(x @ w) * (1 + t)
 
-    x = torch.randn(1, 4)
-    exact = torch.func.jacrev(lambda x: v(x, 0.5))(x[0]).trace()
-    noise = torch.randint(0, 2, (20_000, 4)).float() * 2 - 1
-    _, estimates = fm.divergence(v, x.repeat(20_000, 1), 0.5, noise)
-    assert abs(estimates.mean() - exact) < 4 * estimates.std() / math.sqrt(len(estimates))
-    assert estimates.std() > 0.01                                   # an estimate, not the trace
-
-
-def test_bits_per_dim_of_a_standard_normal_over_8_bit_pixels():
-    """The zero field leaves N(0, I) in place. A pixel k dequantised to
-    x = (k + U - 1/2) / 127.5 - 1 then costs E[-log N(x)] + ln 127.5 nats:
-    ½ ln 2π + ½ (c² + 1 / (12 · 127.5²)) + ln 127.5 with c = k / 127.5 - 1."""
-    torch.manual_seed(0)
-    k = torch.tensor([0, 40, 128, 255]).repeat(20_000)
-    pixels = k.view(-1, 1, 1, 1).to(torch.uint8)
-    bpd = fm.bits_per_dim(pixels, lambda x, t: 0 * x, 1, "euler")
-    c = k.double() / 127.5 - 1
-    nats = 0.5 * math.log(2 * math.pi) + 0.5 * (c ** 2 + 1 / (12 * 127.5 ** 2)) + math.log(127.5)
-    expected = nats / math.log(2)
-    torch.testing.assert_close(bpd.double().view(-1, 4).mean(0), expected.view(-1, 4).mean(0),
-                               atol=1e-4, rtol=0)
+def test_a_colour_run_trains_samples_and_measures_likelihood_in_its_shape(data, tmp_path, capsys,
+                                                                          cifar):
+    """Fake CIFAR-10, class-conditional: a 3-channel network, samples (N, 3, 32, 32), bits/dim."""
+    main("train", "--data-dir", data, "--out", tmp_path, "--dataset", "cifar10", "--steps", 4,
+         "--class-cond", *TINY)
+    ckpt = load(tmp_path / "ckpt.pt")
+    assert ckpt["config"]["image_shape"] == (3, 32, 32)
+    assert ckpt["ema"]["stem.weight"].shape[1] == 3 and ckpt["ema"]["head.2.weight"].shape[0] == 3
+    main("sample", "--ckpt", tmp_path / "ckpt.pt", "--n", 3, "--steps", 1, "--label", 9,
+         "--out", tmp_path / "s.pt")
+    assert load(tmp_path / "s.pt").shape == (3, 3, 32, 32)
+    capsys.readouterr()
+    main("likelihood", "--ckpt", tmp_path / "ckpt.pt", "--data-dir", data, "--n", 2, "--steps", 1)
+    assert "bits/dim on 2 cifar10 test images" in capsys.readouterr().out
 
 
 def test_likelihood_prints_bits_per_dim_and_the_evaluations(run, data, capsys):
@@ -724,65 +1154,80 @@ def test_likelihood_repeats_with_its_seed(run, data, monkeypatch):
     assert not torch.equal(pixels, other[0]) and not torch.equal(state, other[1])
 
 
-# --- 10. Checkpoints and devices -----------------------------------------------------------------
-
-def test_a_crash_while_saving_leaves_the_last_checkpoint_whole(run, tmp_path, monkeypatch):
-    ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
-    state = tiny_state()
-    state.model = fm.build_model(config, ckpt["model"])
-    state.ema = fm.build_model(config, ckpt["ema"])
-    state.step = 99
-    fm.save_run(state, config, str(tmp_path))
-    save = torch.save
-
-    def crash(obj, path):
-        save({"half": "written"}, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fm.torch, "save", crash)
-    state.step = 100
-    with pytest.raises(KeyboardInterrupt):
-        fm.save_run(state, config, str(tmp_path))
-    assert load(tmp_path / "ckpt.pt")["step"] == 99
+def test_a_class_conditional_likelihood_is_the_unconditional_density_through_the_null_label(
+        cond_run, data, tmp_path, capsys):
+    """The printed bits/dim are those of v(x, t, ∅) on the seed's images and draws (the network's
+    weights made random, so that labels matter)."""
+    ckpt, config = fm.load_checkpoint(str(cond_run / "ckpt.pt"))
+    ema = randomize(fm.build_model(config, ckpt["ema"]))
+    torch.save(dict(ckpt, ema=ema.state_dict()), tmp_path / "ckpt.pt")
+    main("likelihood", "--ckpt", tmp_path / "ckpt.pt", "--data-dir", data, "--n", 4, "--steps", 1)
+    printed = float(capsys.readouterr().out.split()[0])
+    images, _ = fm.load_data("mnist", data, train=False)
+    expected = {}
+    for name, y in [("null", None), ("label 0", torch.zeros(4, dtype=torch.long))]:
+        torch.manual_seed(0)
+        pixels = images[torch.randperm(len(images))[:4]]
+        bpd = fm.bits_per_dim(pixels, fm.GuidedField(ema, y), 1, "rk4")
+        expected[name] = round(bpd.mean().item(), 3)
+    assert printed == expected["null"] != expected["label 0"]
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
-    """torch.load with weights_only=True: a pickle whose loading calls a function is not loaded."""
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(tmp_path / "ran"), "w"))
+@pytest.mark.parametrize("command, n, size", [("sample", 300, 128), ("likelihood", 16, 6)])
+def test_long_samples_and_likelihoods_print_progress_every_30_seconds(command, n, size, run, data,
+                                                                      tmp_path, monkeypatch,
+                                                                      capsys):
+    """A clock that moves 40 s per reading: each chunk takes 40 s, so a line after each but the
+    last: the images done, their rate, the time left. (likelihood: chunks of 6 of 16 images.)"""
+    readings = iter(range(0, 10 ** 6, 40))
+    monkeypatch.setattr(fm.time, "perf_counter", lambda: next(readings))
+    in_chunks = fm.in_chunks
+    monkeypatch.setattr(fm, "in_chunks", lambda total: in_chunks(total, size))
+    flags = ["--out", tmp_path / "s.pt"] if command == "sample" else ["--data-dir", data]
+    main(command, "--ckpt", run / "ckpt.pt", "--n", n, "--steps", 1, *flags)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " of " in line]
+    assert [int(line.split()[0]) for line in lines] == [size, 2 * size]
+    assert all(f"of {n} images" in line for line in lines)
+    assert float(lines[0].split()[4]) == pytest.approx(size / 40, abs=0.05)   # images per second
+    left = (n - size) / (size / 40) / 60
+    assert float(lines[0].split()[6]) == pytest.approx(left, abs=0.05)        # minutes left
 
-    torch.save({"model": Payload()}, tmp_path / "evil.pt")
-    result = cli("sample", "--ckpt", tmp_path / "evil.pt", check=False)
-    assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr
-    assert not (tmp_path / "ran").exists()
+
+def test_a_closed_pipe_ends_sample_quietly_after_writing_its_samples(run, tmp_path):
+    """`sample ... | head -1` with the reader gone before the line comes: exit code 1, no
+    traceback, and the samples are written."""
+    command = [sys.executable, os.path.join(HERE, "flow_matching.py"), "sample", "--ckpt",
+               run / "ckpt.pt", "--n", 4, "--steps", 1, "--out", tmp_path / "s.pt"]
+    proc = subprocess.Popen(list(map(str, command)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=OFFLINE)
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and stderr == ""
+    assert load(tmp_path / "s.pt").shape == (4, 1, 28, 28)
 
 
-# --- 11. Command line ----------------------------------------------------------------------------
-
-def test_fashion_mnist_trains_and_its_checkpoint_names_it(data, tmp_path):
-    main("train", "--dataset", "fashion-mnist", "--data-dir", data, "--out", tmp_path,
-         "--steps", 2, *TINY)
-    assert load(tmp_path / "ckpt.pt")["config"]["dataset"] == "fashion-mnist"
-
+# --- 13. Command line -----------------------------------------------------------------------------
 
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         fm.main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["(default 0.002)", "(default 128)", "(default 32,64,128,128)", "default 10 if",
-                    "(default runs/mnist)", "(default ./data)", "replaces the budget"]:
+    for default in ["(default 0.002)", "(default 128)", "(default 32,64,128,128)", "(default 10.0)",
+                    "(default runs/mnist)", "(default ./data)", "replaces the budget",
+                    "(default auto)", "1 label in 10"]:
         assert default in out
     with pytest.raises(SystemExit):
         fm.main(["sample", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["(default 5)", "(default 64)", "(default rk4)", "(default 0)", "(default 2"]:
+    for default in ["(default 5)", "(default 64)", "(default rk4)", "(default 0)", "(default 2",
+                    "i mod 10", "(default auto)"]:
         assert default in out
 
 
-def bad_inputs(run, data, tmp):
+def bad_inputs(run, cond_run, data, tmp):
     """Each case: the command line, and words its one error line must hold."""
     ckpt = run / "ckpt.pt"
+    cond = cond_run / "ckpt.pt"
     a_file = tmp / "file"
     a_file.write_text("")
     (tmp / "corrupt.pt").write_bytes(b"not a checkpoint at all")
@@ -845,14 +1290,29 @@ def bad_inputs(run, data, tmp):
         "resume, other widths": ([*resume, "--widths", "8,16"], "--widths 8,16 would change"),
         "resume, other seed": ([*resume, "--seed", 1], "--seed 1 would change"),
         "resume, other sigma": ([*resume, "--sigma-min", 0.1], "--sigma-min 0.1 would change"),
+        "resume, class-cond": ([*resume, "--class-cond"], "--class-cond True would change the run"),
+        "label, unconditional": (["sample", "--ckpt", ckpt, "--label", 3], "need a model trained"),
+        "guidance, unconditional": (["sample", "--ckpt", ckpt, "--guidance", 2],
+                                    "--guidance need a model trained with --class-cond"),
+        "label 10": (["sample", "--ckpt", cond, "--label", 10], "labels run from 0 to 9"),
+        "label -1": (["sample", "--ckpt", cond, "--label", -1], "--label -1"),
+        "label not a number": (["sample", "--ckpt", cond, "--label", "two"], "invalid int"),
+        "negative guidance": (["sample", "--ckpt", cond, "--guidance", -1], "non-negative"),
+        "unknown device": (["sample", "--ckpt", ckpt, "--device", "tpu"], "invalid choice"),
+        "cifar10 unavailable": (["train", "--data-dir", tmp / "empty", "--out", tmp / "c",
+                                 "--dataset", "cifar10"], "put cifar-10-python.tar.gz in"),
     }
 
 
-def test_bad_input_gives_one_line_naming_the_problem_and_exit_code_2(run, data, tmp_path,
-                                                                    monkeypatch, capsys):
+def test_bad_input_gives_one_line_naming_the_problem_and_exit_code_2(run, cond_run, data,
+                                                                    tmp_path, monkeypatch, capsys):
     for proxy in ["http_proxy", "https_proxy"]:                     # no download
         monkeypatch.setenv(proxy, OFFLINE[proxy])
-    for what, (args, words) in bad_inputs(run, data, tmp_path).items():
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = bad_inputs(run, cond_run, data, tmp_path)
+    cases["absent device"] = (["sample", "--ckpt", run / "ckpt.pt", "--device", "cuda"],
+                              "--device cuda: this machine has no cuda device")
+    for what, (args, words) in cases.items():
         with pytest.raises(SystemExit) as stop:
             main(*args)
         lines = capsys.readouterr().err.strip().splitlines()
@@ -861,6 +1321,7 @@ def test_bad_input_gives_one_line_naming_the_problem_and_exit_code_2(run, data, 
         assert words in lines[0], (what, lines[0])
     assert os.listdir(tmp_path / "empty") == []                     # failed runs leave no folders
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_input_in_a_process_of_its_own_prints_one_line_and_no_traceback(run, data, tmp_path):
@@ -873,7 +1334,7 @@ def test_bad_input_in_a_process_of_its_own_prints_one_line_and_no_traceback(run,
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
 
 
-# --- 12. tools/score.py ---------------------------------------------------------------------------
+# --- tools/score.py -------------------------------------------------------------------------------
 # The Fréchet distance against closed forms; the script on the squares of fake_mnist, with a
 # classifier of a tiny recipe that learns them in about a second.
 
@@ -943,7 +1404,7 @@ def squares(tmp_path_factory):
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         net = score.classifier("mnist", root, cache, TINY_RECIPE)
-    images, labels = score.load_data("mnist", root, train=False)
+    images, labels = fm.load_data("mnist", root, train=False)
     return dict(root=root, cache=cache, net=net, stderr=stderr.getvalue(), labels=labels,
                 images=images.float() / 255, flags=["--data-dir", root, "--cache", cache])
 
@@ -996,6 +1457,23 @@ def test_confidence_and_coverage_of_one_class_two_classes_and_all_ten(squares, t
     assert two["coverage"] == pytest.approx(0.30103, abs=1e-4)
     assert ten["coverage"] == pytest.approx(1, abs=1e-4)
     assert min(one["confidence"], two["confidence"], ten["confidence"]) > 0.9
+
+
+def test_right_class_is_the_share_of_samples_in_the_class_they_were_drawn_for(squares, tmp_path,
+                                                                             capsys, tiny):
+    """--class-cond: sample i asked for class i mod 10, as the test images come; --label K: all
+    for K. Rolled by one image, no sample is in its class; without either flag, no right_class."""
+    images, labels = squares["images"], squares["labels"]
+    assert torch.equal(labels, torch.arange(100) % 10)
+    flags = squares["flags"]
+    ordered = run_score(images, tmp_path / "o.pt", capsys, *flags, "--class-cond")
+    rolled = run_score(images.roll(1, 0), tmp_path / "r.pt", capsys, *flags, "--class-cond")
+    sevens = run_score(images[labels == 7], tmp_path / "7.pt", capsys, *flags, "--label", 7)
+    eights = run_score(images[labels == 7], tmp_path / "8.pt", capsys, *flags, "--label", 8)
+    plain = run_score(images, tmp_path / "p.pt", capsys, *flags)
+    assert (ordered["right_class"], rolled["right_class"]) == (1.0, 0.0)
+    assert (sevens["right_class"], eights["right_class"]) == (1.0, 0.0)
+    assert "right_class" not in plain
 
 
 def test_a_second_call_reads_the_cached_classifier_instead_of_training(squares, monkeypatch):
@@ -1067,7 +1545,7 @@ def bad_score_inputs(squares, tmp):
         "one sample": ([tmp / "one.pt", *data], "2 samples"),
         "no samples": ([tmp / "none.pt", *data], "2 samples"),
         "no samples file": (data, "required"),
-        "unknown data set": ([tmp / "good.pt", *data, "--dataset", "cifar10"], "invalid choice"),
+        "unknown data set": ([tmp / "good.pt", *data, "--dataset", "svhn"], "invalid choice"),
         "unknown flag": ([tmp / "good.pt", *data, "--width", 8], "unrecognized arguments"),
         "cache under a file": ([tmp / "good.pt", *data, "--cache", tmp / "a file" / "c"],
                                "cannot create"),

@@ -1,15 +1,18 @@
 """Score samples of flow_matching.py with a small classifier of the data set: one JSON line.
 
     python tools/score.py samples.pt --dataset mnist --data-dir data
+    python tools/score.py samples.pt --class-cond     # sample i was drawn for class i mod 10
 
 samples.pt holds a float tensor (N, C, H, W) in [0, 1], as `flow_matching.py sample --out X.pt`
 writes it. Printed: n; fd, the Fréchet distance between the classifier's penultimate features of
 the samples and of the test images (FID with a network of the data set itself; lower is better);
 fd_floor, the same for n training images: what perfect samples score, as fd is biased upwards at
 small n; confidence, the mean largest softmax probability; coverage, the entropy of the predicted
-classes over log 10 (1: all ten equally often). The classifier trains (seeded) when first needed,
-printing its test accuracy to stderr, and is cached in DATA_DIR/score_classifier (or --cache)
-under a hash of RECIPE: a changed recipe trains anew instead of reading stale weights.
+classes over log 10 (1: all ten equally often); with --class-cond or --label, right_class, the share
+of samples that the classifier puts in the class they were drawn for. The classifier trains
+(seeded) when first needed, printing its test accuracy to stderr, and is cached in
+DATA_DIR/score_classifier (or --cache) under a hash of RECIPE: a changed recipe trains anew
+instead of reading stale weights.
 """
 import argparse
 import hashlib
@@ -43,10 +46,8 @@ CHANNELS_LAST = torch.channels_last  # (N, H, W, C) in memory: faster convolutio
 
 def load_data(dataset, data_dir, train):
     """uint8 images (N, C, H, W) and their labels. flow_matching's loader downloads the files if it
-    can, and otherwise exits with a line saying where they go; the labels come from torchvision."""
-    images = flow_matching.load_images(dataset, data_dir, train)
-    labels = flow_matching.DATASETS[dataset](data_dir, train=train).targets
-    return images, labels
+    can, and otherwise exits with a line saying where they go."""
+    return flow_matching.load_data(dataset, data_dir, train)
 
 def build(recipe, channels, size):
     """The CNN: conv blocks, then a linear layer to the features, then one to the logits."""
@@ -159,19 +160,24 @@ def read_samples(path):
         flow_matching.die(f"{path} holds values from {x.min():g} to {x.max():g}, not in [0, 1]")
     return x.float()
 
-def score(net, samples, test_images, train_images):
-    """The JSON line's figures; the floor's real images are a seeded choice of training images."""
+def score(net, samples, test_images, train_images, asked=None):
+    """The JSON line's figures; the floor's real images are a seeded choice of training images.
+    asked: the class each sample was drawn for, if any."""
     features, probabilities = embed(net, samples)
     real = statistics(embed(net, test_images / 255)[0])
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))
     floor = embed(net, train_images[order[:len(samples)]] / 255)[0]
     share = torch.bincount(probabilities.argmax(1), minlength=10).double() / len(samples)
     entropy = (share * share.clamp(min=1e-12).reciprocal().log()).sum() / math.log(10)
-    return {"n": len(samples),
-            "fd": round(frechet_distance(*statistics(features), *real), 3),
-            "fd_floor": round(frechet_distance(*statistics(floor), *real), 3),
-            "confidence": round(probabilities.max(1).values.mean().item(), 4),
-            "coverage": round(entropy.item(), 4)}
+    scores = {"n": len(samples),
+              "fd": round(frechet_distance(*statistics(features), *real), 3),
+              "fd_floor": round(frechet_distance(*statistics(floor), *real), 3),
+              "confidence": round(probabilities.max(1).values.mean().item(), 4),
+              "coverage": round(entropy.item(), 4)}
+    if asked is not None:
+        right = probabilities.argmax(1) == asked
+        scores["right_class"] = round(right.double().mean().item(), 4)
+    return scores
 
 def main(argv=None):
     """Check the samples before any work, then score them: one JSON line on stdout."""
@@ -182,15 +188,24 @@ def main(argv=None):
                    help="the data set the samples imitate (default mnist)")
     p.add_argument("--data-dir", default="./data", help="folder the data set is read from")
     p.add_argument("--cache", help="folder of the classifier (default: DATA_DIR/score_classifier)")
+    p.add_argument("--class-cond", action="store_true", help="sample i was drawn for class i mod "
+                   "10, as `sample` draws a class-conditional model without --label")
+    p.add_argument("--label", type=int, choices=range(10), metavar="K",
+                   help="every sample was drawn for class K, as `sample --label K` draws them")
     args = p.parse_args(argv)
     samples = read_samples(args.samples)
+    asked = None
+    if args.label is not None:
+        asked = torch.full((len(samples),), args.label)
+    elif args.class_cond:
+        asked = torch.arange(len(samples)) % 10
     test_images, _ = load_data(args.dataset, args.data_dir, train=False)
     if samples.shape[1:] != test_images.shape[1:]:
         flow_matching.die(f"{args.samples} holds images of (channels, height, width) "
                           f"{tuple(samples.shape[1:])}, not {tuple(test_images.shape[1:])}")
     train_images, _ = load_data(args.dataset, args.data_dir, train=True)
     net = classifier(args.dataset, args.data_dir, args.cache, RECIPE)
-    print(json.dumps(score(net, samples, test_images, train_images)))
+    print(json.dumps(score(net, samples, test_images, train_images, asked)))
 
 if __name__ == "__main__":
     main()
