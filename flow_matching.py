@@ -657,7 +657,7 @@ class Parser(argparse.ArgumentParser):
 def config_flag(parser, name, help, **kwargs):
     """A train flag for RunConfig's `name`; absent from args unless given, for --resume to see."""
     default = getattr(RunConfig, name)
-    if default not in (None, False):
+    if default is not None and default is not False:
         help += f" (default {shown(default)})"
     flag = "--" + name.replace("_", "-")
     parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help, **kwargs)
@@ -686,9 +686,9 @@ def sample_flags(parser):
                         "(default samples.png, unless --trajectory is all that is asked)")
     parser.add_argument("--label", type=int, help="draw this class from a class-conditional "
                         "model (default: sample i draws class i mod 10, a class per column)")
-    parser.add_argument("--guidance", type=WEIGHT, metavar="W", help="classifier-free (default 2)")
-    parser.add_argument("--autoguidance", type=WEIGHT, metavar="W", help="1 for none (default "
-                        "2.5 for an unconditional model with a guide, else 1)")
+    parser.add_argument("--guidance", type=WEIGHT, help="classifier-free guidance (default 2)")
+    parser.add_argument("--autoguidance", type=WEIGHT, help="1 for none (default 2.5 for an "
+                        "unconditional model with a guide, else 1)")
     parser.add_argument("--trajectory", help="also save x_t of 8 samples, a row each, to this .png")
 
 def parse_args(argv=None):

@@ -1214,13 +1214,14 @@ def test_help_shows_the_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for default in ["(default 0.002)", "(default 128)", "(default 32,64,128,128)", "(default 10.0)",
                     "(default runs/mnist)", "(default ./data)", "replaces the budget",
-                    "(default auto)", "1 label in 10"]:
+                    "(default auto)", "1 label in 10", "t=1 on the OT path (default 0.0)",
+                    "same weights (default 0)"]:
         assert default in out
     with pytest.raises(SystemExit):
         fm.main(["sample", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     for default in ["(default 5)", "(default 64)", "(default rk4)", "(default 0)", "(default 2",
-                    "i mod 10", "(default auto)"]:
+                    "i mod 10", "(default auto)", "guidance (default 2)", "(default 2.5 for an"]:
         assert default in out
 
 
