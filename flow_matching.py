@@ -46,7 +46,7 @@ def time_embedding(t, dim):
 # for MNIST), each given the time embedding, and skips from each resolution on the way down to the
 # same one on the way up. A class-conditional network adds an embedding of the label y to the time
 # embedding; its extra label, `classes`, is ∅, "no label", for classifier-free guidance (section 7).
-# Tests: test_network_output_has_the_input_shape_and_depends_on_t, ..._and_on_the_label.
+# Tests: test_network_output_has_the_input_shape_and_depends_on_t, and the two after it.
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, emb_dim):
         super().__init__()
@@ -56,7 +56,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(8, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)                           # the branch starts at 0
+        nn.init.zeros_(self.conv2.weight)                           # at first: x plus a constant
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
@@ -82,7 +82,7 @@ class VelocityNet(nn.Module):
         self.up = nn.ModuleList(ResBlock(2 * c, c_in, emb_dim) for c_in, c in zip(above, widths))
         self.head = nn.Sequential(
             nn.GroupNorm(8, widths[0]), nn.SiLU(), nn.Conv2d(widths[0], channels, 3, padding=1))
-        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].weight)                        # at first, v is a constant
 
     def forward(self, x, t, y=None):
         emb = self.time_mlp(time_embedding(t, self.emb_dim))
@@ -264,7 +264,7 @@ class GuidedField:
 # The flow also gives exact densities. Along a trajectory the continuity equation reads
 # d/dt log p_t(x_t) = -div v(x_t, t), so log p_1(x1) = log N(x0; 0, I) - ∫_0^1 div v(x_t, t) dt,
 # where x0 is x1 carried back to t=0. We integrate x and the divergence together, from t=1 to 0.
-# Tests: test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form, and the two after it.
+# Tests: test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form, and the three after.
 def divergence(v, x, t, noise):
     """v(x, t) and Hutchinson's estimate of its divergence, εᵀ (∂v/∂x) ε, from one vector-Jacobian
     product: unbiased for noise ε with E[ε εᵀ] = I, such as random signs."""
@@ -570,10 +570,10 @@ def conditioning(args, config, guide):
     labels = default_labels(config, args.n)
     if args.label is not None:
         labels = torch.full((args.n,), args.label)
-    guidance = 2.0 if config.class_cond else 1.0
-    autoguidance = 1.0 if config.class_cond or guide is None else 2.5
-    guidance = guidance if args.guidance is None else args.guidance
-    autoguidance = autoguidance if args.autoguidance is None else args.autoguidance
+    default_guidance = 2.0 if config.class_cond else 1.0
+    default_autoguidance = 1.0 if config.class_cond or guide is None else 2.5
+    guidance = default_guidance if args.guidance is None else args.guidance
+    autoguidance = default_autoguidance if args.autoguidance is None else args.autoguidance
     return labels, guidance, autoguidance
 
 def sample(args):

@@ -208,6 +208,18 @@ def test_network_output_has_the_input_shape_and_depends_on_t(channels, size):
     assert (v0 - v1).abs().mean() > 1e-3 * v0.abs().mean()
 
 
+def test_a_new_network_gives_a_constant_v_and_a_new_block_adds_a_constant_to_its_input():
+    """The weights of the head's last convolution and of each block's second one start at zero,
+    their biases do not: v is the head's bias at first, and a block is x plus conv2's bias."""
+    net = fm.VelocityNet(1, widths=[8, 16])
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    expected = net.head[-1].bias.view(1, 1, 1, 1).expand_as(x)
+    torch.testing.assert_close(net(x, t), expected)
+    block = fm.ResBlock(8, 8, 4)
+    h = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(block(h, torch.randn(2, 4)), h + block.conv2.bias.view(1, 8, 1, 1))
+
+
 def test_network_output_depends_on_the_label_and_no_label_is_the_null_label():
     """Labels 0 and 1 give other velocities; y=None is label `classes`, ∅. An unconditional
     network has no label embedding at all."""
@@ -416,7 +428,7 @@ def test_labels_tell_a_class_conditional_network_which_image_to_draw():
     for classes in (0, 2):
         model, ema, opt = tiny_state(classes=classes)
         losses = []
-        for step in range(300):
+        for step in range(150):
             batch = fm.draw_batch(images, 32, labels if classes else None, null_label=2)
             losses.append(fm.train_step(model, ema, opt, batch, 3e-3, step))
         final[classes] = sum(losses[-30:]) / 30
@@ -459,8 +471,10 @@ def test_a_training_step_clips_the_gradient_norm_to_1():
 def test_autocast_runs_the_network_in_bfloat16_only_when_asked():
     """bf16: a bfloat16 convolution inside; otherwise float32, with the device type set aside."""
     conv = torch.nn.Conv2d(1, 1, 1)
+    net = fm.VelocityNet(1, widths=[8, 16])
     with fm.autocast(torch.device("cpu"), True):
         assert conv(torch.randn(1, 1, 2, 2)).dtype == torch.bfloat16
+        assert net(torch.randn(1, 1, 8, 8), torch.rand(1)).dtype == torch.float32   # v: float32
     with fm.autocast(torch.device("mps"), False):
         assert conv(torch.randn(1, 1, 2, 2)).dtype == torch.float32
 
@@ -771,8 +785,10 @@ def test_resume_keeps_the_run_settings_and_its_clock(data, tmp_path):
     assert resumed["step"] == 4 and resumed["elapsed"] > 3600
     last_lr = resumed["optimizer"]["param_groups"][0]["lr"]
     assert last_lr == pytest.approx(fm.learning_rate(1e-3, 3, 3 / 4))
-    main("train", "--data-dir", data, "--out", tmp_path, "--resume", "--steps", 8, "--minutes", 60)
+    main("train", "--data-dir", data, "--out", tmp_path, "--resume", "--steps", 8, "--minutes", 60,
+         "--save-every", 3)
     assert load(tmp_path / "ckpt.pt")["step"] == 4                  # the hour was already spent
+    assert load(tmp_path / "ckpt.pt")["config"]["save_every"] == 3  # a resume may change it
 
 
 def test_resume_keeps_a_class_conditional_run_class_conditional(cond_run, data, tmp_path):
@@ -926,6 +942,28 @@ def test_resume_after_ctrl_c_gives_the_same_weights_as_an_uninterrupted_run(data
         for name, tensor in whole[key].items():
             assert torch.equal(tensor, cut[key][name]), f"{key}.{name}"
     assert torch.equal(whole["rng"], cut["rng"])
+
+
+def test_sigterm_and_ctrl_c_stop_the_run_which_saves(data, tmp_path, monkeypatch, capsys):
+    """train listens for SIGINT and SIGTERM; SIGTERM at step 3 of 50 ends the run there, saved."""
+    handlers, draw_batch = {}, fm.draw_batch
+
+    def terminated_at_step_3(*args, **kwargs):
+        if len(calls) == 3:
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+        calls.append(1)
+        return draw_batch(*args, **kwargs)
+
+    calls = []
+    def install(number, handler):
+        handlers[number] = handler
+
+    monkeypatch.setattr(fm.signal, "signal", install)
+    monkeypatch.setattr(fm, "draw_batch", terminated_at_step_3)
+    fm.main(["train", "--data-dir", data, "--out", str(tmp_path), "--steps", "50", *TINY])
+    assert set(handlers) == {signal.SIGINT, signal.SIGTERM}
+    assert load(tmp_path / "ckpt.pt")["step"] == 4                  # the step under way finishes
+    assert "step 4, 0.0 min on a stop signal" in capsys.readouterr().out
 
 
 class ClosedPipe(io.StringIO):
@@ -1222,6 +1260,11 @@ def test_help_shows_the_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for default in ["(default 5)", "(default 64)", "(default rk4)", "(default 0)", "(default 2",
                     "i mod 10", "(default auto)", "guidance (default 2)", "(default 2.5 for an"]:
+        assert default in out
+    with pytest.raises(SystemExit):
+        fm.main(["likelihood", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ["(default 1000)", "(default 20)", "(default rk4)", "(default ./data)"]:
         assert default in out
 
 
