@@ -620,7 +620,7 @@ def likelihood(args):
     pixels = images[torch.randperm(len(images))[:args.n]].to(device)
     v = GuidedField(model)
     start = time.perf_counter()
-    bpd = [bits_per_dim(pixels[part], v, args.steps, args.solver) for part in in_chunks(args.n)]
+    bpd = [bits_per_dim(pixels[i], v, args.steps, args.solver) for i in in_chunks(len(pixels))]
     bpd = torch.cat(bpd).cpu()
     print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} "
           f"{config.dataset} test images in {time.perf_counter() - start:.1f} s: {args.solver}, "

@@ -479,6 +479,20 @@ def test_autocast_runs_the_network_in_bfloat16_only_when_asked():
         assert conv(torch.randn(1, 1, 2, 2)).dtype == torch.float32
 
 
+def test_autocast_off_never_names_mps_which_older_pytorch_rejects(monkeypatch):
+    """As PyTorch before MPS autocast: torch.autocast('mps', ...) raises even when disabled."""
+    autocast = torch.autocast
+
+    def older(device_type, *args, **kwargs):
+        if device_type == "mps":
+            raise RuntimeError("User specified an unsupported autocast device_type 'mps'")
+        return autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(fm.torch, "autocast", older)
+    with fm.autocast(torch.device("mps"), False):
+        pass
+
+
 # --- 6. Samplers ----------------------------------------------------------------------------------
 
 class Recorded:
@@ -1172,6 +1186,8 @@ def test_likelihood_prints_bits_per_dim_and_the_evaluations(run, data, capsys):
     out = capsys.readouterr().out
     assert 0 < float(out.split()[0]) < 100
     assert "on 8 mnist test images" in out and "8 network evaluations" in out
+    main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 200, "--steps", 1)
+    assert "on 16 mnist test images" in capsys.readouterr().out     # --n beyond the test set
 
 
 def test_likelihood_repeats_with_its_seed(run, data, monkeypatch):
@@ -1211,12 +1227,14 @@ def test_a_class_conditional_likelihood_is_the_unconditional_density_through_the
     assert printed == expected["null"] != expected["label 0"]
 
 
-@pytest.mark.parametrize("command, n, size", [("sample", 300, 128), ("likelihood", 16, 6)])
+@pytest.mark.parametrize("command, n, size", [("sample", 300, 128), ("sample", 256, 128),
+                                             ("likelihood", 16, 4)])
 def test_long_samples_and_likelihoods_print_progress_every_30_seconds(command, n, size, run, data,
                                                                       tmp_path, monkeypatch,
                                                                       capsys):
     """A clock that moves 40 s per reading: each chunk takes 40 s, so a line after each but the
-    last: the images done, their rate, the time left. (likelihood: chunks of 6 of 16 images.)"""
+    last: the images done, their rate since the start, the time left. (likelihood: chunks of 4 of
+    the 16 test images.)"""
     readings = iter(range(0, 10 ** 6, 40))
     monkeypatch.setattr(fm.time, "perf_counter", lambda: next(readings))
     in_chunks = fm.in_chunks
@@ -1224,11 +1242,13 @@ def test_long_samples_and_likelihoods_print_progress_every_30_seconds(command, n
     flags = ["--out", tmp_path / "s.pt"] if command == "sample" else ["--data-dir", data]
     main(command, "--ckpt", run / "ckpt.pt", "--n", n, "--steps", 1, *flags)
     lines = [line for line in capsys.readouterr().out.splitlines() if " of " in line]
-    assert [int(line.split()[0]) for line in lines] == [size, 2 * size]
+    done = list(range(size, n, size))                               # not the last chunk
+    assert [int(line.split()[0]) for line in lines] == done
     assert all(f"of {n} images" in line for line in lines)
-    assert float(lines[0].split()[4]) == pytest.approx(size / 40, abs=0.05)   # images per second
-    left = (n - size) / (size / 40) / 60
-    assert float(lines[0].split()[6]) == pytest.approx(left, abs=0.05)        # minutes left
+    for k, line in enumerate(lines, start=1):                       # k chunks in 40 k seconds
+        assert float(line.split()[4]) == pytest.approx(size / 40, abs=0.05)   # images per second
+        left = (n - k * size) / (size / 40) / 60
+        assert float(line.split()[6]) == pytest.approx(left, abs=0.05)        # minutes left
 
 
 def test_a_closed_pipe_ends_sample_quietly_after_writing_its_samples(run, tmp_path):
