@@ -44,11 +44,6 @@ RECIPE = {
 }
 CHANNELS_LAST = torch.channels_last  # (N, H, W, C) in memory: faster convolutions on the CPU
 
-def load_data(dataset, data_dir, train):
-    """uint8 images (N, C, H, W) and their labels. flow_matching's loader downloads the files if it
-    can, and otherwise exits with a line saying where they go."""
-    return flow_matching.load_data(dataset, data_dir, train)
-
 def build(recipe, channels, size):
     """The CNN: conv blocks, then a linear layer to the features, then one to the logits."""
     layers = []
@@ -104,7 +99,7 @@ def classifier(dataset, data_dir, cache_dir, recipe=RECIPE):
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     folder = cache_dir or os.path.join(data_dir, "score_classifier")
     path = os.path.join(folder, f"{dataset}-{key}.pt")
-    test_images, test_labels = load_data(dataset, data_dir, train=False)
+    test_images, test_labels = flow_matching.load_data(dataset, data_dir, train=False)
     net = build(recipe, test_images.shape[1], test_images.shape[-1]).eval()
     if os.path.exists(path):
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -114,7 +109,7 @@ def classifier(dataset, data_dir, cache_dir, recipe=RECIPE):
     except OSError as e:
         flow_matching.die(f"cannot create the classifier cache {folder}: {e.strerror}")
     start = time.perf_counter()
-    net = train(*load_data(dataset, data_dir, train=True), recipe)
+    net = train(*flow_matching.load_data(dataset, data_dir, train=True), recipe)
     accuracy = (embed(net, test_images / 255)[1].argmax(1) == test_labels).float().mean()
     print(f"trained the {dataset} classifier in {time.perf_counter() - start:.0f} s: "
           f"{accuracy:.2%} test accuracy; cached in {path}", file=sys.stderr)
@@ -199,11 +194,11 @@ def main(argv=None):
         asked = torch.full((len(samples),), args.label)
     elif args.class_cond:
         asked = torch.arange(len(samples)) % 10
-    test_images, _ = load_data(args.dataset, args.data_dir, train=False)
+    test_images, _ = flow_matching.load_data(args.dataset, args.data_dir, train=False)
     if samples.shape[1:] != test_images.shape[1:]:
         flow_matching.die(f"{args.samples} holds images of (channels, height, width) "
                           f"{tuple(samples.shape[1:])}, not {tuple(test_images.shape[1:])}")
-    train_images, _ = load_data(args.dataset, args.data_dir, train=True)
+    train_images, _ = flow_matching.load_data(args.dataset, args.data_dir, train=True)
     net = classifier(args.dataset, args.data_dir, args.cache, RECIPE)
     print(json.dumps(score(net, samples, test_images, train_images, asked)))
 
