@@ -126,6 +126,12 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def generated(v, noise, steps, solver):
+    """Images in [0, 1], as sample draws them: the noise carried along v from t=0 to t=1."""
+    with torch.no_grad():
+        return fm.to_unit_scale(fm.integrate(v, noise, steps, solver))
+
+
 def cli(*args, check=True):
     """flow_matching.py in a process of its own, as a user runs it."""
     command = [sys.executable, os.path.join(HERE, "flow_matching.py"), *map(str, args)]
@@ -505,15 +511,15 @@ class Recorded:
         return self.f(x, t)
 
 
-EVALUATIONS_PER_STEP = {"euler": 1, "rk4": 4}
+EVALUATIONS_PER_STEP = {"euler": 1, "ab2": 1, "rk4": 4}
 
 
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("rk4", 4)])
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("ab2", 2), ("rk4", 4)])
 def test_solvers_converge_at_their_order(solver, order):
     """dx/dt = x cos t has x(1) = x(0) e^{sin 1}; halving h divides the error by 2^order."""
     x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
     exact = x0 * math.exp(math.sin(1.0))
-    steps = [4, 8, 16, 32]
+    steps = [16, 32, 64, 128]                                       # AB2 reaches its order by 16
     errors = []
     for n in steps:
         v = Recorded(lambda x, t: x * math.cos(t))
@@ -524,12 +530,14 @@ def test_solvers_converge_at_their_order(solver, order):
     assert slope == pytest.approx(order, abs=0.3)
 
 
-@pytest.mark.parametrize("solver,t0,t1", [("euler", 0, 1), ("rk4", 0, 1), ("rk4", 1, 0)])
+@pytest.mark.parametrize("solver,t0,t1", [("euler", 0, 1), ("ab2", 0, 1), ("ab2", 1, 0),
+                                          ("rk4", 0, 1), ("rk4", 1, 0)])
 def test_steps_follow_the_grid_and_end_at_t1(solver, t0, t1):
-    """Steps start at t = s - a sin(2πs) / 2π, s = i / n, with a = 0 for Euler (equal steps) and
-    a = 1/2 for RK4, whose first and last steps are then a third as long as mid-path ones."""
+    """Steps start at t = s - a sin(2πs) / 2π, s = i / n, with a = 0 for Euler (equal steps),
+    0.3 for AB2 and 1/2 for RK4, whose first and last steps are then a third as long as mid-path
+    ones ((1 - a) / (1 + a) in general)."""
     v = Recorded(lambda x, t: torch.ones_like(x))                   # x(t1) = x(t0) + t1 - t0
-    n, a = 40, {"euler": 0.0, "rk4": 0.5}[solver]
+    n, a = 40, {"euler": 0.0, "ab2": 0.3, "rk4": 0.5}[solver]
     x1 = fm.integrate(v, torch.zeros(1, dtype=torch.float64), n, solver, t0=t0, t1=t1)
     s = torch.arange(n + 1, dtype=torch.float64) / n
     grid = t0 + (t1 - t0) * (s - a * torch.sin(2 * math.pi * s) / (2 * math.pi))
@@ -539,6 +547,17 @@ def test_steps_follow_the_grid_and_end_at_t1(solver, t0, t1):
     torch.testing.assert_close(x1, torch.tensor([t1 - t0], dtype=torch.float64))
     lengths = (used[1:] - used[:-1]).abs()
     assert lengths[0] / lengths[n // 2] == pytest.approx((1 - a) / (1 + a), rel=0.01)
+
+
+def test_adams_bashforth_steps_once_like_euler_then_along_the_line_through_two_slopes():
+    """For dx/dt = t the line through two slopes is v itself: every step after the first is exact,
+    whatever the ratio of its length to the last's, and the first, Euler's, misses h0²/2."""
+    for steps in (3, 7):
+        v = Recorded(lambda x, t: torch.full_like(x, t))
+        x1 = fm.integrate(v, torch.zeros(1, dtype=torch.float64), steps, "ab2")
+        h0 = v.times[1]                                             # the first step's length
+        torch.testing.assert_close(x1, torch.tensor([0.5 - h0 ** 2 / 2], dtype=torch.float64))
+        assert len(v.times) == steps
 
 
 def test_integrate_backwards_undoes_forwards_and_records_each_step():
@@ -1052,7 +1071,7 @@ def test_the_last_grid_is_drawn_by_the_moving_average_alone(run, cond_run, tmp_p
         ema = fm.build_model(config, ckpt["ema"])
         noise = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         labels = torch.arange(64) % 10 if config.class_cond else None
-        expected = fm.generate(fm.GuidedField(ema, labels), noise, 5, "rk4")
+        expected = generated(fm.GuidedField(ema, labels), noise, 5, "rk4")
         fm.save_image(expected, tmp_path / "expected.png", nrow=columns)
         assert torch.equal(read_png(folder / f"samples_{step:06d}.png"),
                            read_png(tmp_path / "expected.png"))
@@ -1063,8 +1082,8 @@ def test_the_last_grid_is_drawn_by_the_moving_average_alone(run, cond_run, tmp_p
 def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path, capsys):
     base = ["sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6]
     main(*base, "--out", tmp_path / "a.pt")
-    # RK4's 3 steps start at t = 0, 0.26 and 0.74: the guide runs at 6 of the 12 evaluations of v
-    assert "autoguidance 2.5, 18 network evaluations each" in capsys.readouterr().out
+    # AB2's 3 steps start at t = 0, 0.29 and 0.71: the guide runs at 1 of the 3 evaluations of v
+    assert "ab2, 3 steps, autoguidance 2.5, 4 network evaluations each" in capsys.readouterr().out
     main(*base, "--out", tmp_path / "b.pt")
     main(*base, "--out", tmp_path / "c.pt", "--seed", 1)
     a, b, c = load(tmp_path / "a.pt"), load(tmp_path / "b.pt"), load(tmp_path / "c.pt")
@@ -1078,6 +1097,28 @@ def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path
     assert not torch.equal(a, load(tmp_path / "alone.pt"))
     main(*base, "--out", tmp_path / "new" / "grid.png")             # the folder is made
     assert read_png(tmp_path / "new" / "grid.png").shape[1:] == (2 + 2 * 30, 2 + 3 * 30)
+
+
+@pytest.mark.parametrize("flags, solver, steps, guided, evaluations", [
+    ([], "ab2", 7, (0.2, 0.6), 10), (["--solver", "euler"], "euler", 7, (0.2, 0.6), 10),
+    (["--steps", 5], "ab2", 5, (0.2, 0.6), 6), (["--solver", "rk4"], "rk4", 5, (0.2, 0.8), 30),
+    (["--solver", "rk4", "--steps", 2], "rk4", 2, (0.2, 0.8), 14)])
+def test_the_default_sampler_takes_ten_network_evaluations_and_rk4_thirty(
+        flags, solver, steps, guided, evaluations, run, tmp_path, monkeypatch):
+    """AB2 (and Euler) in 7 steps, the guide run at the 3 that start in 0.2 ≤ t ≤ 0.6: 10 network
+    evaluations a sample; RK4 in 5 steps, guided in 0.2 ≤ t ≤ 0.8: 30; --steps still counts (AB2 in
+    5 steps: the guide at 1)."""
+    fields = []
+    monkeypatch.setattr(fm, "draw_samples", lambda v, *args: fields.append((v, args)) or
+                        torch.zeros(2, 1, 28, 28))
+    main("sample", "--ckpt", run / "ckpt.pt", "--n", 2, "--out", tmp_path / "s.pt", *flags)
+    (v, (_, _, used_steps, used_solver, *_)), = fields
+    assert (used_solver, used_steps, v.times) == (solver, steps, guided)
+    ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
+    v = fm.GuidedField(fm.build_model(config, ckpt["ema"]), None, 1.0,
+                       fm.build_model(config, ckpt["guide"]), 2.5, guided)
+    generated(v, torch.zeros(1, 1, 28, 28), steps, solver)
+    assert v.passes == evaluations
 
 
 def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run, tmp_path,
@@ -1095,7 +1136,7 @@ def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run
                                                   (True, ["--fp32"], False)])
 def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise(
         native, flags, bf16, run, tmp_path, monkeypatch):
-    """sample --seed 3 = generate(GuidedField(EMA, guide, 2.5)) from randn with generator seed 3,
+    """sample --seed 3 = AB2 on GuidedField(EMA, guide, 2.5, 0.2 ≤ t ≤ 0.6) from randn with seed 3,
     every sample from its own noise, past the first 128 (sample draws 128 at a time) too; the
     networks run under bfloat16 autocast where train's do: on CPUs with AVX-512 BF16, not --fp32."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
@@ -1106,9 +1147,9 @@ def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise
     noise = torch.randn(130, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     expected = {}
     for autocast in (False, True):
-        v = fm.GuidedField(ema, guide=guide, autoguidance=2.5)
+        v = fm.GuidedField(ema, guide=guide, autoguidance=2.5, times=(0.2, 0.6))
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            expected[autocast] = fm.generate(v, noise, 2, "rk4")
+            expected[autocast] = generated(v, noise, 2, "ab2")
     assert (expected[True] - expected[False]).abs().max() > 1e-4   # 10x the tolerance below
     torch.testing.assert_close(load(tmp_path / "s.pt"), expected[bf16], atol=1e-5, rtol=0)
 
@@ -1130,17 +1171,17 @@ def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
 def test_a_class_conditional_sample_goes_round_the_classes_with_classifier_free_guidance(
         cond_run, tmp_path, capsys):
     """No --label: sample i draws class i mod 10, a class per column of the grid; by default with
-    classifier-free guidance 2 mid-path and no autoguidance: 2 RK4 steps, 8 evaluations of v at
-    t = 0, ¼, ¼, ½, ½, ¾, ¾, 1, the null label's at the 6 mid-path ones, so 14 in all."""
+    classifier-free guidance 2 mid-path and no autoguidance: 2 AB2 steps, evaluations of v at
+    t = 0 and ½, the null label's at the mid-path one, so 3 in all."""
     main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 25, "--steps", 2, "--out",
          tmp_path / "s.pt", "--fp32")
     out = capsys.readouterr().out
-    assert "guidance 2, autoguidance 1, 14 network evaluations each" in out
+    assert "guidance 2, autoguidance 1, 3 network evaluations each" in out
     ckpt, config = fm.load_checkpoint(str(cond_run / "ckpt.pt"))
     ema = fm.build_model(config, ckpt["ema"])
     noise = torch.randn(25, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    v = fm.GuidedField(ema, torch.arange(25) % 10, guidance=2.0)
-    expected = fm.generate(v, noise, 2, "rk4")
+    v = fm.GuidedField(ema, torch.arange(25) % 10, guidance=2.0, times=(0.2, 0.6))
+    expected = generated(v, noise, 2, "ab2")
     torch.testing.assert_close(load(tmp_path / "s.pt"), expected, atol=1e-5, rtol=0)
     main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 25, "--steps", 2, "--out",
          tmp_path / "s.png")
@@ -1158,8 +1199,8 @@ def test_a_label_draws_its_class_and_other_labels_draw_other_images(cond_run, tm
         main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 4, "--steps", 2, "--out", path,
              "--label", label, "--guidance", w, "--fp32")
         samples[label, w] = load(path)
-        v = fm.GuidedField(ema, torch.full((4,), label), guidance=w)
-        torch.testing.assert_close(samples[label, w], fm.generate(v, noise, 2, "rk4"),
+        v = fm.GuidedField(ema, torch.full((4,), label), guidance=w, times=(0.2, 0.6))
+        torch.testing.assert_close(samples[label, w], generated(v, noise, 2, "ab2"),
                                    atol=1e-5, rtol=0)
     assert not torch.equal(samples[3, 2.0], samples[4, 2.0])
     assert not torch.equal(samples[3, 2.0], samples[3, 1.0])
@@ -1278,7 +1319,8 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         fm.main(["sample", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["(default 5)", "(default 64)", "(default rk4)", "(default 0)", "(default 2",
+    for default in ["(default 5 for rk4, else 7)", "(default 64)", "(default ab2)", "(default 0)",
+                    "ab2 and euler: 1 evaluation a step", "(default 2",
                     "i mod 10", "(default auto)", "guidance (default 2)", "(default 2.5 for an"]:
         assert default in out
     with pytest.raises(SystemExit):
