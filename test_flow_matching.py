@@ -1101,6 +1101,13 @@ def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path
     assert read_png(tmp_path / "new" / "grid.png").shape[1:] == (2 + 2 * 30, 2 + 3 * 30)
 
 
+def test_drawn_samples_carry_no_graph_even_from_a_network_that_trains():
+    """draw_samples integrates under no_grad: no autograd graph is kept across the steps."""
+    net = fm.VelocityNet(1, widths=[8, 16, 16])                     # its weights require gradients
+    images = fm.draw_samples(fm.GuidedField(net), torch.randn(2, 1, 28, 28), None, 2, "ab2")
+    assert images.shape == (2, 1, 28, 28) and not images.requires_grad
+
+
 @pytest.mark.parametrize("flags, solver, steps, guided, evaluations", [
     ([], "ab2", 7, (0.2, 0.6), 10), (["--solver", "euler"], "euler", 7, (0.2, 0.6), 10),
     (["--steps", 5], "ab2", 5, (0.2, 0.6), 6), (["--solver", "rk4"], "rk4", 5, (0.2, 0.8), 30),
