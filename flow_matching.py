@@ -188,24 +188,25 @@ def train_step(model, ema, opt, batch, lr, step, sigma_min=0.0, bf16=False):
 
 # --- 6. Samplers ----------------------------------------------------------------------------------
 # Generation integrates dx/dt = v(x, t) from t=0 (noise) to t=1 for any v(x, t): the network, or,
-# in the tests, fields with known solutions. Error at t=1: O(h) for Euler, O(h²) for Adams-Bashforth
-# and O(h⁴) for RK4, at 1, 1 and 4 evaluations of v a step.
+# in the tests, fields with known solutions. Fixed steps of length h miss x(1) by O(h) for Euler,
+# O(h²) for Adams-Bashforth and O(h⁴) for RK4, at 1, 1 and 4 evaluations of v a step. Each step
+# takes and returns a memory: AB2 keeps its last slope in it, the others none.
 # Tests: test_solvers_converge_at_their_order, test_steps_follow_the_grid_and_end_at_t1.
-def euler_step(v, x, t, h):
-    return x + h * v(x, t)                                          # x_{t+h} = x_t + h v(x_t, t)
+def euler_step(v, x, t, h, memory=None):
+    return x + h * v(x, t), None                                    # x_{t+h} = x_t + h v(x_t, t)
 
-def rk4_step(v, x, t, h):
+def rk4_step(v, x, t, h, memory=None):
     k1 = v(x, t)
     k2 = v(x + h / 2 * k1, t + h / 2)
     k3 = v(x + h / 2 * k2, t + h / 2)
     k4 = v(x + h * k3, t + h)
-    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), None
 
-def adams_bashforth_step(v, x, t, h, last):
+def adams_bashforth_step(v, x, t, h, memory=None):
     """Second order at one evaluation a step: v taken as the line through its values at the starts
-    of this step and the last, last = (that v, that h), integrated over this step; Euler first."""
+    of this step and the last, memory = (that v, that h), integrated over this step; Euler first."""
     slope = v(x, t)
-    before, h_before = last or (slope, h)                           # first step: Euler's slope
+    before, h_before = memory or (slope, h)                         # first step: Euler's slope
     r = h / h_before
     return x + h * ((1 + r / 2) * slope - r / 2 * before), (slope, h)  # ∫ of the line, t to t+h
 
@@ -218,14 +219,56 @@ def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0, trajectory=None):
     a = {"euler": 0.0, "ab2": 0.3, "rk4": 0.5}[solver]
     grid = [i / steps for i in range(steps + 1)]
     times = [t0 + (t1 - t0) * (s - a * math.sin(2 * math.pi * s) / (2 * math.pi)) for s in grid]
-    last = None                                                     # Adams-Bashforth's memory
+    memory = None
     for t, t_next in zip(times[:-1], times[1:]):
-        if solver == "ab2":
-            x, last = adams_bashforth_step(v, x, t, t_next - t, last)
-        else:
-            x = SOLVERS[solver](v, x, t, t_next - t)
+        x, memory = SOLVERS[solver](v, x, t, t_next - t, memory)
         if trajectory is not None:
             trajectory.append(x)
+    return x
+
+# Dormand-Prince 5(4) (Dormand & Prince 1980; the tableau of Hairer, Nørsett & Wanner, Solving
+# Ordinary Differential Equations I, Table II.5.2). Stage i evaluates k_i = v(x + h Σ_j a_ij k_j,
+# t + c_i h). The last row of a weighs the fifth-order solution, so the seventh stage is v at the
+# new point, the next step's first ("first same as last"): six evaluations a step.
+# Tests: test_dopri5_converges_at_order_5, test_dopri5_keeps_to_its_tolerance, and those after.
+DP_C = (0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1)
+DP_A = ((),
+        (1 / 5,),
+        (3 / 40, 9 / 40),
+        (44 / 45, -56 / 15, 32 / 9),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+        (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+DP_B4 = (5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+def dopri5_step(v, x, t, h, k1):
+    """x(t + h) to fifth order, its difference from the embedded fourth-order solution (the step's
+    error estimate) and v at the new point, from k1 = v(x, t) and six more evaluations."""
+    k = [k1]
+    for c, a in zip(DP_C[1:], DP_A[1:]):
+        k.append(v(x + h * sum(a_j * k_j for a_j, k_j in zip(a, k)), t + c * h))
+    x_new = x + h * sum(b_j * k_j for b_j, k_j in zip(DP_A[-1], k))  # x + h Σ b_j k_j
+    b5_minus_b4 = [b5 - b4 for b5, b4 in zip(DP_A[-1] + (0,), DP_B4)]
+    error = h * sum(e_j * k_j for e_j, k_j in zip(b5_minus_b4, k))  # x5 - x4
+    return x_new, error, k[-1]
+
+def dopri5(v, x, t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5, trajectory=None):
+    """x(t1) from x(t0) in steps that Dormand-Prince sizes itself. A step is kept when its error
+    over atol + rtol |x|, root-mean-squared over all entries, r, is at most 1, and retried if not;
+    either way the next is h · 0.9 r^(-1/5), within 0.2 h and 10 h. `trajectory` gets the x kept."""
+    t, k1 = t0, v(x, t0)
+    h = 0.01 * (t1 - t0)                                            # a first guess; r corrects it
+    while t != t1:
+        h = h if abs(h) < abs(t1 - t) else t1 - t                   # the last step ends at t1
+        x_new, error, k_new = dopri5_step(v, x, t, h, k1)
+        scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
+        r = (error / scale).square().mean().sqrt().item()
+        if r <= 1:                                                  # kept
+            t = t1 if h == t1 - t else t + h
+            x, k1 = x_new, k_new
+            if trajectory is not None:
+                trajectory.append(x)
+        h = h * min(10.0, max(0.2, 0.9 * max(r, 1e-10) ** -0.2))
     return x
 
 # --- 7. Guidance ----------------------------------------------------------------------------------
@@ -261,6 +304,31 @@ class GuidedField:
             pushed = pushed + (self.autoguidance - 1) * (v - self.guide(x, t, self.y))
         return pushed
 
+# Each `sample --solver` below, the steps it takes and where it guides, and the default weights,
+# were chosen by the measurements of docs/results.md ("Samplers", "Guidance").
+@dataclass(frozen=True)
+class Solver:
+    """How to integrate dx/dt = v: a fixed-step solver and its steps, or dopri5 to within its
+    tolerance (rtol = atol = tol); `guided` is where in t `sample` guides v."""
+    name: str = "rk4"
+    steps: int = 5
+    tol: float = 1e-5
+    guided: tuple = (0.2, 0.8)
+
+    def __call__(self, v, x, t0=0.0, t1=1.0, trajectory=None):
+        if self.name == "dopri5":
+            return dopri5(v, x, t0, t1, self.tol, self.tol, trajectory)
+        return integrate(v, x, self.steps, self.name, t0, t1, trajectory)
+
+SAMPLERS = {
+    "rk4": Solver("rk4", 5),                                        # the default: 30 evaluations
+    "ab2": Solver("ab2", 7, guided=(0.2, 0.6)),                     # 10: 3 of the 7 steps guided
+    "euler": Solver("euler", 7, guided=(0.2, 0.6)),
+    "dopri5": Solver("dopri5"),                                     # the ODE's own answer
+}
+GUIDANCE = 2.0                          # classifier-free, for class-conditional models
+AUTOGUIDANCE = 2.5                      # for unconditional models that have a guide
+
 # --- 8. Likelihood --------------------------------------------------------------------------------
 # The flow also gives exact densities. Along a trajectory the continuity equation reads
 # d/dt log p_t(x_t) = -div v(x_t, t), so log p_1(x1) = log N(x0; 0, I) - ∫_0^1 div v(x_t, t) dt,
@@ -275,7 +343,7 @@ def divergence(v, x, t, noise):
         vjp = torch.autograd.grad(vx, x, noise)[0]                  # εᵀ J
     return vx.detach(), (vjp * noise).flatten(1).sum(1)             # εᵀ J ε
 
-def log_likelihood(v, x1, steps, solver="rk4"):
+def log_likelihood(v, x1, solver=Solver("dopri5")):
     """log p_1(x1) under the flow of v, per sample; random signs ε drawn once for its whole path."""
     dim = x1[0].numel()
     noise = torch.randint(0, 2, x1.shape, dtype=x1.dtype, device=x1.device) * 2 - 1  # ε = ±1
@@ -285,19 +353,19 @@ def log_likelihood(v, x1, steps, solver="rk4"):
         return torch.cat([vx.flatten(1), div[:, None]], dim=1)
 
     z = torch.cat([x1.flatten(1), x1.new_zeros(len(x1), 1)], dim=1)
-    z = integrate(augmented, z, steps, solver, t0=1.0, t1=0.0)
+    z = solver(augmented, z, t0=1.0, t1=0.0)
     x0 = z[:, :dim]
     int_div = z[:, dim]                                             # ∫_1^0 div v = -∫_0^1 div v
     log_p0 = -0.5 * (x0 ** 2).sum(1) - 0.5 * dim * math.log(2 * math.pi)   # log N(x0; 0, I)
     return log_p0 + int_div
 
-def bits_per_dim(pixels, v, steps, solver):
+def bits_per_dim(pixels, v, solver=Solver("dopri5")):
     """Bits/dim of 8-bit images. pixel + U[0, 1) has a density on [0, 256)^D, and
     x = (pixel + U - 1/2) / 127.5 - 1 puts it on the model's scale, so
     bits/dim = -(log p_x(x) - D ln 127.5) / (D ln 2)."""
     x = to_model_scale(pixels.float() + torch.rand(pixels.shape, device=pixels.device) - 0.5)
     dim = x[0].numel()
-    log_px = log_likelihood(v, x, steps, solver)
+    log_px = log_likelihood(v, x, solver)
     return -(log_px - dim * math.log(127.5)) / (dim * math.log(2))
 
 # === Part II: running it (data, the training run, checkpoints, the commands, their errors) ========
@@ -406,7 +474,7 @@ def save_run(state, config, folder):
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)                                 # a crash leaves the old file
     noise = torch.randn(64, *config.image_shape, generator=torch.Generator().manual_seed(0))
-    images = draw_samples(GuidedField(state.ema), noise, default_labels(config, 64), 5, "rk4")
+    images = draw_samples(GuidedField(state.ema), noise, default_labels(config, 64), Solver())
     grid = os.path.join(folder, f"samples_{state.step:06d}.png")
     save_image(images, grid, nrow=config.classes if config.class_cond else 8)
 
@@ -546,14 +614,14 @@ def default_labels(config, n):
     """Sample i of a class-conditional model gets label i mod classes: a class per grid column."""
     return torch.arange(n) % config.classes if config.class_cond else None
 
-def draw_samples(v, noise, labels, steps, solver, bf16=False, trajectory=None):
+def draw_samples(v, noise, labels, solver, bf16=False, trajectory=None):
     """Images in [0, 1]: noise carried along v, a GuidedField; `trajectory` gets chunk 1's x_t."""
     device = next(v.model.parameters()).device
     images = []
     for part in in_chunks(len(noise)):
         v.y = None if labels is None else labels[part].to(device)
         with autocast(device, bf16), torch.no_grad():
-            x = integrate(v, noise[part].to(device), steps, solver, trajectory=trajectory)
+            x = solver(v, noise[part].to(device), trajectory=trajectory)
         images.append(to_unit_scale(x))
         trajectory = None
     return torch.cat(images).cpu()
@@ -569,24 +637,23 @@ def conditioning(args, config, guide):
     labels = default_labels(config, args.n)
     if args.label is not None:
         labels = torch.full((args.n,), args.label)
-    default_guidance = 2.0 if config.class_cond else 1.0
-    default_autoguidance = 1.0 if config.class_cond or guide is None else 2.5
+    default_guidance = GUIDANCE if config.class_cond else 1.0
+    default_autoguidance = 1.0 if config.class_cond or guide is None else AUTOGUIDANCE
     guidance = default_guidance if args.guidance is None else args.guidance
     autoguidance = default_autoguidance if args.autoguidance is None else args.autoguidance
     return labels, guidance, autoguidance
 
 def sample(args):
+    solver = chosen_solver(args)
     config, model, guide, device = load_model(args)
     labels, guidance, autoguidance = conditioning(args, config, guide)
     seeded = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.n, *config.image_shape, generator=seeded)
     frames = [noise[:128].to(device)] if args.trajectory else None  # x_t of the first chunk
-    few = args.solver != "rk4"                                      # 10 evaluations, not RK4's 30:
-    steps = args.steps or (7 if few else 5)                         # 7 steps, 3 of them guided
-    v = GuidedField(model, None, guidance, guide, autoguidance, (0.2, 0.6 if few else 0.8))
+    v = GuidedField(model, None, guidance, guide, autoguidance, solver.guided)
     bf16 = use_bfloat16(device, args.fp32)                          # as in train; x stays float32
     start = time.perf_counter()
-    images = draw_samples(v, noise, labels, steps, args.solver, bf16, frames)
+    images = draw_samples(v, noise, labels, solver, bf16, frames)
     seconds = time.perf_counter() - start
     nrow = math.ceil(math.sqrt(args.n))
     if config.class_cond and args.label is None:
@@ -597,7 +664,7 @@ def sample(args):
         write_images(trajectory_rows(frames), args.trajectory, len(frames))
     written = " and ".join(path for path in (args.out, args.trajectory) if path)
     weights = f"guidance {guidance:g}, " if config.class_cond else ""
-    print(f"{args.n} samples in {seconds:.1f} s: {args.solver}, {steps} steps, {weights}"
+    print(f"{args.n} samples in {seconds:.1f} s: {described(solver)}, {weights}"
           f"autoguidance {autoguidance:g}, {v.passes / args.n:g} network evaluations each; "
           f"wrote {written}")
 
@@ -615,17 +682,31 @@ def write_images(images, path, nrow):
 
 def likelihood(args):
     """Bits/dim of test images; a class-conditional model's unconditional density, v given ∅."""
+    solver = chosen_solver(args)
     config, model, _, device = load_model(args)
     images, _ = load_data(config.dataset, args.data_dir, train=False)
     torch.manual_seed(args.seed)                                    # which images, U and ε
     pixels = images[torch.randperm(len(images))[:args.n]].to(device)
     v = GuidedField(model)
     start = time.perf_counter()
-    bpd = [bits_per_dim(pixels[i], v, args.steps, args.solver) for i in in_chunks(len(pixels))]
+    bpd = [bits_per_dim(pixels[i], v, solver) for i in in_chunks(len(pixels))]
     bpd = torch.cat(bpd).cpu()
     print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} "
-          f"{config.dataset} test images in {time.perf_counter() - start:.1f} s: {args.solver}, "
-          f"{args.steps} steps, {v.passes / len(bpd):g} network evaluations (and gradients) each")
+          f"{config.dataset} test images in {time.perf_counter() - start:.1f} s: "
+          f"{described(solver)}, {v.passes / len(bpd):g} network evaluations (and gradients) each")
+
+def chosen_solver(args):
+    """--solver's preset with the --steps or --tol given, each only where it applies."""
+    adaptive = args.solver == "dopri5"
+    if (args.steps and adaptive) or (args.tol and not adaptive):
+        die(f"--{'steps' if adaptive else 'tol'} does not apply to --solver {args.solver}")
+    changes = {"steps": args.steps, "tol": args.tol}
+    return replace(SAMPLERS[args.solver], **{k: v for k, v in changes.items() if v is not None})
+
+def described(solver):
+    if solver.name == "dopri5":
+        return f"dopri5, tolerance {solver.tol:g}"
+    return f"{solver.name}, {solver.steps} steps"
 
 # --- 13. Command line -----------------------------------------------------------------------------
 def die(message):
@@ -681,9 +762,7 @@ def train_flags(parser):
                         "set up; a --steps or --minutes given with it replaces the budget")
 
 def sample_flags(parser):
-    parser.add_argument("--solver", default="ab2", choices=sorted(SOLVERS),
-                        help="ODE solver; ab2 and euler: 1 evaluation a step (default %(default)s)")
-    parser.add_argument("--steps", type=COUNT, help="solver steps (default 5 for rk4, else 7)")
+    solver_flags(parser, "rk4")
     parser.add_argument("--n", type=COUNT, default=64, help="samples (default %(default)s)")
     parser.add_argument("--out", help=".png for a grid, .pt for a tensor (N, C, H, W) in [0, 1] "
                         "(default samples.png, unless --trajectory is all that is asked)")
@@ -693,6 +772,13 @@ def sample_flags(parser):
     parser.add_argument("--autoguidance", type=WEIGHT, help="1 for none (default 2.5 for an "
                         "unconditional model with a guide, else 1)")
     parser.add_argument("--trajectory", help="also save x_t of 8 samples, a row each, to this .png")
+
+def solver_flags(parser, default):
+    parser.add_argument("--solver", default=default, choices=sorted(SAMPLERS), help="ODE solver: "
+                        "ab2 and euler at 1 evaluation a step, rk4 at 4, or dopri5, which picks "
+                        "its steps (default %(default)s)")
+    parser.add_argument("--steps", type=COUNT, help="steps of rk4 (default 5), ab2 or euler (7)")
+    parser.add_argument("--tol", type=POSITIVE, help="dopri5's rtol = atol (default 1e-05)")
 
 def parse_args(argv=None):
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -715,9 +801,7 @@ def parse_args(argv=None):
     lk = commands.add_parser("likelihood", parents=[data, reader], help="bits/dim")
     lk.add_argument("--n", type=checked(int, lambda n: n > 1, "integer above 1"), default=1000,
                     help="test images, 2 or more for the ±, a standard error (default %(default)s)")
-    lk.add_argument("--solver", default="rk4", choices=sorted(SOLVERS),
-                    help="ODE solver (default %(default)s)")
-    lk.add_argument("--steps", type=COUNT, default=20, help="solver steps (default %(default)s)")
+    solver_flags(lk, "dopri5")
     args = parser.parse_args(argv)
     check_outputs(args)
     return args

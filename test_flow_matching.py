@@ -126,10 +126,10 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def generated(v, noise, steps, solver):
+def generated(v, noise, solver):
     """Images in [0, 1], as sample draws them: the noise carried along v from t=0 to t=1."""
     with torch.no_grad():
-        return fm.to_unit_scale(fm.integrate(v, noise, steps, solver))
+        return fm.to_unit_scale(solver(v, noise))
 
 
 def cli(*args, check=True):
@@ -553,12 +553,16 @@ def test_steps_follow_the_grid_and_end_at_t1(solver, t0, t1):
 
 def test_adams_bashforth_steps_once_like_euler_then_along_the_line_through_two_slopes():
     """For dx/dt = t the line through two slopes is v itself: every step after the first is exact,
-    whatever the ratio of its length to the last's, and the first, Euler's, misses h0²/2."""
+    whatever the ratio r = h / h_before of its length to the last's, and the first, Euler's, misses
+    h0²/2; so x after each step is t²/2 - h0²/2. Checked at every step, not only at t=1: on a grid
+    symmetric about ½ the errors of a wrong r (h_before / h) cancel between mirrored steps."""
     for steps in (3, 7):
         v = Recorded(lambda x, t: torch.full_like(x, t))
-        x1 = fm.integrate(v, torch.zeros(1, dtype=torch.float64), steps, "ab2")
+        trajectory = []
+        fm.integrate(v, torch.zeros(1, dtype=torch.float64), steps, "ab2", trajectory=trajectory)
         h0 = v.times[1]                                             # the first step's length
-        torch.testing.assert_close(x1, torch.tensor([0.5 - h0 ** 2 / 2], dtype=torch.float64))
+        ends = torch.tensor(v.times[1:] + [1.0], dtype=torch.float64)
+        torch.testing.assert_close(torch.cat(trajectory), ends ** 2 / 2 - h0 ** 2 / 2)
         assert len(v.times) == steps
 
 
@@ -572,6 +576,85 @@ def test_integrate_backwards_undoes_forwards_and_records_each_step():
     assert len(trajectory) == 50 and torch.equal(trajectory[-1], x1)
     back = fm.integrate(v, x1, 50, "rk4", t0=1.0, t1=0.0)
     torch.testing.assert_close(back, x0, atol=1e-7, rtol=0)
+
+
+def dopri5_run(v, x, t0, t1, tol, monkeypatch):
+    """dopri5's answer, the steps it tried as (t, h) and the states it kept."""
+    tried, kept, step = [], [], fm.dopri5_step
+
+    def recorded(v, x, t, h, k1):
+        tried.append((t, h))
+        return step(v, x, t, h, k1)
+
+    monkeypatch.setattr(fm, "dopri5_step", recorded)
+    return fm.dopri5(v, x, t0, t1, tol, tol, trajectory=kept), tried, kept
+
+
+def test_dopri5_converges_at_order_5():
+    """Fixed steps of Dormand-Prince's fifth-order solution on dx/dt = x cos t: halving h divides
+    the error at t=1 by 2⁵ = 32; the embedded estimate shrinks with h too, and each step after the
+    first costs 6 evaluations of v, its last one at the new point."""
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    exact = x0 * math.exp(math.sin(1.0))
+    errors = []
+    for n in (4, 8, 16, 32):
+        v = Recorded(lambda x, t: x * math.cos(t))
+        x, k1, estimates = x0, v(x0, 0.0), []
+        for i in range(n):
+            x, error, k1 = fm.dopri5_step(v, x, i / n, 1 / n, k1)
+            estimates.append(error.abs().max().item())
+            torch.testing.assert_close(k1, x * math.cos((i + 1) / n))   # first same as last
+        assert len(v.times) == 1 + 6 * n
+        errors.append((x - exact).abs().max().item())
+    slope = math.log2(errors[0] / errors[-1]) / 3
+    assert slope == pytest.approx(5, abs=0.3)
+    assert 0 < max(estimates) < 1e-7
+
+
+@pytest.mark.parametrize("case", ["x cos t", "stiff-ish"])
+@pytest.mark.parametrize("tol", [1e-4, 1e-6])
+def test_dopri5_keeps_to_its_tolerance(case, tol, monkeypatch):
+    """The global error at t=1 stays below 10 (atol + rtol |x|): on dx/dt = x cos t, and on
+    dx/dt = -50 (x - sin t) + cos t, x(t) = sin t + x(0) e^(-50t), whose fast decay forces short
+    steps at first. A tighter tolerance costs more evaluations."""
+    fields = {"x cos t": (lambda x, t: x * math.cos(t), lambda x0: x0 * math.exp(math.sin(1))),
+              "stiff-ish": (lambda x, t: -50 * (x - math.sin(t)) + math.cos(t),
+                            lambda x0: math.sin(1) + x0 * math.exp(-50))}
+    f, solution = fields[case]
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    v = Recorded(f)
+    x1, tried, kept = dopri5_run(v, x0, 0.0, 1.0, tol, monkeypatch)
+    assert ((x1 - solution(x0)).abs() < 10 * (tol + tol * solution(x0).abs())).all()
+    assert len(v.times) == 1 + 6 * len(tried) and torch.equal(kept[-1], x1)
+    assert tried[-1][0] + tried[-1][1] == pytest.approx(1.0)        # the last step ends at t1
+    monkeypatch.undo()
+    more = Recorded(f)
+    fm.dopri5(more, x0, 0.0, 1.0, tol / 100, tol / 100)
+    assert len(more.times) > len(v.times)
+
+
+def test_dopri5_retries_a_rejected_step_shorter_from_the_same_point(monkeypatch):
+    """dx/dt = -200 x from t = 0 to 1: the first guess, h = 0.01, is too long (h λ = -2), so the
+    step is rejected and tried again from the same t, shorter, until one is kept. The evaluations
+    are 1 + 6 per step tried, kept or not."""
+    v = Recorded(lambda x, t: -200 * x)
+    x0 = torch.ones(2, dtype=torch.float64)
+    x1, tried, kept = dopri5_run(v, x0, 0.0, 1.0, 1e-6, monkeypatch)
+    assert tried[0] == (0.0, 0.01) and tried[1][0] == 0.0 and tried[1][1] < 0.01
+    assert len(tried) > len(kept) and len(v.times) == 1 + 6 * len(tried)
+    retries = [(a, b) for a, b in zip(tried, tried[1:]) if a[0] == b[0]]
+    assert all(b[1] < a[1] for a, b in retries)
+    assert x1.abs().max() < 1e-5                                    # e^-200, within atol
+
+
+@pytest.mark.parametrize("t0, t1", [(0.0, 1.0), (1.0, 0.0)])
+def test_dopri5_backwards_undoes_forwards(t0, t1):
+    def v(x, t):
+        return torch.sin(x) + t
+
+    x0 = torch.randn(5, dtype=torch.float64)
+    there = fm.dopri5(v, x0, t0, t1, 1e-9, 1e-9)
+    torch.testing.assert_close(fm.dopri5(v, there, t1, t0, 1e-9, 1e-9), x0, atol=1e-7, rtol=0)
 
 
 # --- 7. Guidance ----------------------------------------------------------------------------------
@@ -642,8 +725,10 @@ def test_log_likelihood_of_a_gaussian_data_set_matches_the_closed_form():
     x1 = mu + s * torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     truth = torch.distributions.Normal(mu, s).log_prob(x1).sum(1)
     v = Recorded(gaussian_marginal_field(mu, s))
-    torch.testing.assert_close(fm.log_likelihood(v, x1, 50, "rk4"), truth, atol=1e-3, rtol=0)
+    log_p = fm.log_likelihood(v, x1, fm.Solver("rk4", 50))
+    torch.testing.assert_close(log_p, truth, atol=1e-3, rtol=0)
     assert len(v.times) == 200 and v.times[0] == 1.0                # from t=1 back to t=0
+    torch.testing.assert_close(fm.log_likelihood(v, x1), truth, atol=1e-4, rtol=0)  # dopri5
 
 
 def test_hutchinson_divergence_is_unbiased():
@@ -676,7 +761,7 @@ def test_the_random_signs_are_drawn_once_for_each_path():
     divergence = fm.divergence
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fm, "divergence", recording)
-        fm.log_likelihood(v, torch.randn(3, 4), 3, "rk4")
+        fm.log_likelihood(v, torch.randn(3, 4), fm.Solver("rk4", 3))
     assert len(seen) == 12 and all(torch.equal(e, seen[0]) for e in seen)
     assert set(seen[0].unique().tolist()) == {-1.0, 1.0}
 
@@ -688,7 +773,7 @@ def test_bits_per_dim_of_a_standard_normal_over_8_bit_pixels():
     torch.manual_seed(0)
     k = torch.tensor([0, 40, 128, 255]).repeat(20_000)
     pixels = k.view(-1, 1, 1, 1).to(torch.uint8)
-    bpd = fm.bits_per_dim(pixels, lambda x, t: 0 * x, 1, "euler")
+    bpd = fm.bits_per_dim(pixels, lambda x, t: 0 * x, fm.Solver("euler", 1))
     c = k.double() / 127.5 - 1
     nats = 0.5 * math.log(2 * math.pi) + 0.5 * (c ** 2 + 1 / (12 * 127.5 ** 2)) + math.log(127.5)
     expected = nats / math.log(2)
@@ -911,6 +996,16 @@ def test_the_guide_is_the_ema_after_the_step_that_starts_a_quarter_of_the_way_in
     assert same == [i == 2 for i in range(8)]
 
 
+def test_the_same_seed_trains_the_same_weights_and_another_seed_other_weights(data, tmp_path):
+    """--seed decides the initial weights and every batch: the comparisons over seeds rest on it."""
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        main("train", "--data-dir", data, "--out", tmp_path / name, "--steps", 2, "--seed", seed,
+             *TINY)
+    a, b, c = (load(tmp_path / name / "ckpt.pt")["model"] for name in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["stem.weight"], c["stem.weight"])
+
+
 def test_the_learning_rate_decays_over_the_minutes_when_they_run_out_first(data, tmp_path):
     """With --minutes 0.1 and --steps 10⁶ the clock stops the run, so the last step's rate is near
     0: below half of what the schedule over 10⁶ steps would give it at that step."""
@@ -1084,8 +1179,8 @@ def test_the_last_grid_is_drawn_by_the_moving_average_alone(run, cond_run, tmp_p
 def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path, capsys):
     base = ["sample", "--ckpt", run / "ckpt.pt", "--steps", 3, "--n", 6]
     main(*base, "--out", tmp_path / "a.pt")
-    # AB2's 3 steps start at t = 0, 0.29 and 0.71: the guide runs at 1 of the 3 evaluations of v
-    assert "ab2, 3 steps, autoguidance 2.5, 4 network evaluations each" in capsys.readouterr().out
+    # RK4's 3 steps start at t = 0, 0.26 and 0.74: the guide runs at 6 of the 12 evaluations of v
+    assert "rk4, 3 steps, autoguidance 2.5, 18 network evaluations each" in capsys.readouterr().out
     main(*base, "--out", tmp_path / "b.pt")
     main(*base, "--out", tmp_path / "c.pt", "--seed", 1)
     a, b, c = load(tmp_path / "a.pt"), load(tmp_path / "b.pt"), load(tmp_path / "c.pt")
@@ -1104,29 +1199,31 @@ def test_sample_writes_a_tensor_and_a_grid_and_repeats_with_a_seed(run, tmp_path
 def test_drawn_samples_carry_no_graph_even_from_a_network_that_trains():
     """draw_samples integrates under no_grad: no autograd graph is kept across the steps."""
     net = fm.VelocityNet(1, widths=[8, 16, 16])                     # its weights require gradients
-    images = fm.draw_samples(fm.GuidedField(net), torch.randn(2, 1, 28, 28), None, 2, "ab2")
+    images = fm.draw_samples(fm.GuidedField(net), torch.randn(2, 1, 28, 28), None, fm.Solver())
     assert images.shape == (2, 1, 28, 28) and not images.requires_grad
 
 
 @pytest.mark.parametrize("flags, solver, steps, guided, evaluations", [
-    ([], "ab2", 7, (0.2, 0.6), 10), (["--solver", "euler"], "euler", 7, (0.2, 0.6), 10),
-    (["--steps", 5], "ab2", 5, (0.2, 0.6), 6), (["--solver", "rk4"], "rk4", 5, (0.2, 0.8), 30),
-    (["--solver", "rk4", "--steps", 2], "rk4", 2, (0.2, 0.8), 14)])
-def test_the_default_sampler_takes_ten_network_evaluations_and_rk4_thirty(
+    ([], "rk4", 5, (0.2, 0.8), 30), (["--steps", 2], "rk4", 2, (0.2, 0.8), 14),
+    (["--solver", "ab2"], "ab2", 7, (0.2, 0.6), 10), (["--solver", "ab2", "--steps", 5], "ab2", 5,
+                                                      (0.2, 0.6), 6),
+    (["--solver", "euler"], "euler", 7, (0.2, 0.6), 10)])
+def test_the_default_sampler_is_rk4_in_five_steps_and_ab2_takes_ten_network_evaluations(
         flags, solver, steps, guided, evaluations, run, tmp_path, monkeypatch):
-    """AB2 (and Euler) in 7 steps, the guide run at the 3 that start in 0.2 ≤ t ≤ 0.6: 10 network
-    evaluations a sample; RK4 in 5 steps, guided in 0.2 ≤ t ≤ 0.8: 30; --steps still counts (AB2 in
-    5 steps: the guide at 1)."""
+    """RK4 in 5 steps, the guide run at the evaluations in 0.2 ≤ t ≤ 0.8: 30 network evaluations a
+    sample; AB2 (and Euler) in 7 steps, guided at the 3 that start in 0.2 ≤ t ≤ 0.6: 10; --steps
+    still counts (AB2 in 5 steps: the guide at 1). The presets are SAMPLERS's, in Part I."""
     fields = []
     monkeypatch.setattr(fm, "draw_samples", lambda v, *args: fields.append((v, args)) or
                         torch.zeros(2, 1, 28, 28))
     main("sample", "--ckpt", run / "ckpt.pt", "--n", 2, "--out", tmp_path / "s.pt", *flags)
-    (v, (_, _, used_steps, used_solver, *_)), = fields
-    assert (used_solver, used_steps, v.times) == (solver, steps, guided)
+    (v, (_, _, used, *_)), = fields
+    assert used == fm.Solver(solver, steps, guided=guided) and v.times == guided
+    assert fm.SAMPLERS[solver] == fm.Solver(solver, 5 if solver == "rk4" else 7, guided=guided)
     ckpt, config = fm.load_checkpoint(str(run / "ckpt.pt"))
     v = fm.GuidedField(fm.build_model(config, ckpt["ema"]), None, 1.0,
                        fm.build_model(config, ckpt["guide"]), 2.5, guided)
-    generated(v, torch.zeros(1, 1, 28, 28), steps, solver)
+    generated(v, torch.zeros(1, 1, 28, 28), used)
     assert v.passes == evaluations
 
 
@@ -1136,7 +1233,7 @@ def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run
     main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2, "--trajectory", "flow.png")
     assert os.listdir(tmp_path) == ["flow.png"]
     assert "wrote flow.png" in capsys.readouterr().out
-    main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--steps", 2)
+    main("sample", "--ckpt", run / "ckpt.pt", "--n", 8, "--solver", "rk4", "--steps", 2)
     assert sorted(os.listdir(tmp_path)) == ["flow.png", "samples.png"]
     assert "wrote samples.png" in capsys.readouterr().out
 
@@ -1145,7 +1242,7 @@ def test_the_trajectory_alone_writes_no_grid_and_every_file_written_is_named(run
                                                   (True, ["--fp32"], False)])
 def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise(
         native, flags, bf16, run, tmp_path, monkeypatch):
-    """sample --seed 3 = AB2 on GuidedField(EMA, guide, 2.5, 0.2 ≤ t ≤ 0.6) from randn with seed 3,
+    """sample --seed 3 = RK4 on GuidedField(EMA, guide, 2.5, 0.2 ≤ t ≤ 0.8) from randn with seed 3,
     every sample from its own noise, past the first 128 (sample draws 128 at a time) too; the
     networks run under bfloat16 autocast where train's do: on CPUs with AVX-512 BF16, not --fp32."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
@@ -1156,9 +1253,9 @@ def test_samples_are_the_moving_average_guided_by_the_guide_from_the_seeds_noise
     noise = torch.randn(130, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     expected = {}
     for autocast in (False, True):
-        v = fm.GuidedField(ema, guide=guide, autoguidance=2.5, times=(0.2, 0.6))
+        v = fm.GuidedField(ema, guide=guide, autoguidance=2.5)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            expected[autocast] = generated(v, noise, 2, "ab2")
+            expected[autocast] = generated(v, noise, fm.Solver("rk4", 2))
     assert (expected[True] - expected[False]).abs().max() > 1e-4   # 10x the tolerance below
     torch.testing.assert_close(load(tmp_path / "s.pt"), expected[bf16], atol=1e-5, rtol=0)
 
@@ -1180,17 +1277,17 @@ def test_the_trajectory_shows_x_t_from_the_noise_to_the_samples(run, tmp_path):
 def test_a_class_conditional_sample_goes_round_the_classes_with_classifier_free_guidance(
         cond_run, tmp_path, capsys):
     """No --label: sample i draws class i mod 10, a class per column of the grid; by default with
-    classifier-free guidance 2 mid-path and no autoguidance: 2 AB2 steps, evaluations of v at
-    t = 0 and ½, the null label's at the mid-path one, so 3 in all."""
+    classifier-free guidance 2 mid-path and no autoguidance: 2 RK4 steps evaluate v at t = 0, ¼
+    and ¼, ½, then ½, ¾, ¾ and 1; the null label's at the 6 in 0.2 ≤ t ≤ 0.8: 14 in all."""
     main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 25, "--steps", 2, "--out",
          tmp_path / "s.pt", "--fp32")
     out = capsys.readouterr().out
-    assert "guidance 2, autoguidance 1, 3 network evaluations each" in out
+    assert "guidance 2, autoguidance 1, 14 network evaluations each" in out
     ckpt, config = fm.load_checkpoint(str(cond_run / "ckpt.pt"))
     ema = fm.build_model(config, ckpt["ema"])
     noise = torch.randn(25, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    v = fm.GuidedField(ema, torch.arange(25) % 10, guidance=2.0, times=(0.2, 0.6))
-    expected = generated(v, noise, 2, "ab2")
+    v = fm.GuidedField(ema, torch.arange(25) % 10, guidance=2.0)
+    expected = generated(v, noise, fm.Solver("rk4", 2))
     torch.testing.assert_close(load(tmp_path / "s.pt"), expected, atol=1e-5, rtol=0)
     main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 25, "--steps", 2, "--out",
          tmp_path / "s.png")
@@ -1208,8 +1305,8 @@ def test_a_label_draws_its_class_and_other_labels_draw_other_images(cond_run, tm
         main("sample", "--ckpt", cond_run / "ckpt.pt", "--n", 4, "--steps", 2, "--out", path,
              "--label", label, "--guidance", w, "--fp32")
         samples[label, w] = load(path)
-        v = fm.GuidedField(ema, torch.full((4,), label), guidance=w, times=(0.2, 0.6))
-        torch.testing.assert_close(samples[label, w], generated(v, noise, 2, "ab2"),
+        v = fm.GuidedField(ema, torch.full((4,), label), guidance=w)
+        torch.testing.assert_close(samples[label, w], generated(v, noise, fm.Solver("rk4", 2)),
                                    atol=1e-5, rtol=0)
     assert not torch.equal(samples[3, 2.0], samples[4, 2.0])
     assert not torch.equal(samples[3, 2.0], samples[3, 1.0])
@@ -1227,16 +1324,19 @@ def test_a_colour_run_trains_samples_and_measures_likelihood_in_its_shape(data, 
          "--out", tmp_path / "s.pt")
     assert load(tmp_path / "s.pt").shape == (3, 3, 32, 32)
     capsys.readouterr()
-    main("likelihood", "--ckpt", tmp_path / "ckpt.pt", "--data-dir", data, "--n", 2, "--steps", 1)
+    main("likelihood", "--ckpt", tmp_path / "ckpt.pt", "--data-dir", data, "--n", 2, "--solver",
+         "rk4", "--steps", 1)
     assert "bits/dim on 2 cifar10 test images" in capsys.readouterr().out
 
 
 def test_likelihood_prints_bits_per_dim_and_the_evaluations(run, data, capsys):
-    main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 8, "--steps", 2)
+    main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 8, "--solver", "rk4",
+         "--steps", 2)
     out = capsys.readouterr().out
     assert 0 < float(out.split()[0]) < 100
     assert "on 8 mnist test images" in out and "8 network evaluations" in out
-    main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 200, "--steps", 1)
+    main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 200, "--solver", "rk4",
+         "--steps", 1)
     assert "on 16 mnist test images" in capsys.readouterr().out     # --n beyond the test set
 
 
@@ -1245,13 +1345,13 @@ def test_likelihood_repeats_with_its_seed(run, data, monkeypatch):
     random signs."""
     calls, bits_per_dim = [], fm.bits_per_dim
 
-    def recorded(pixels, v, steps, solver):
+    def recorded(pixels, v, solver):
         calls.append((pixels.clone(), torch.get_rng_state()))
-        return bits_per_dim(pixels, v, steps, solver)
+        return bits_per_dim(pixels, v, solver)
 
     monkeypatch.setattr(fm, "bits_per_dim", recorded)
     for seed in (1, 1, 2):
-        main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 4, "--steps", 1,
+        main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 4, "--tol", 1e-3,
              "--seed", seed)
     (pixels, state), again, other = calls
     assert torch.equal(pixels, again[0]) and torch.equal(state, again[1])
@@ -1265,14 +1365,15 @@ def test_a_class_conditional_likelihood_is_the_unconditional_density_through_the
     ckpt, config = fm.load_checkpoint(str(cond_run / "ckpt.pt"))
     ema = randomize(fm.build_model(config, ckpt["ema"]))
     torch.save(dict(ckpt, ema=ema.state_dict()), tmp_path / "ckpt.pt")
-    main("likelihood", "--ckpt", tmp_path / "ckpt.pt", "--data-dir", data, "--n", 4, "--steps", 1)
+    main("likelihood", "--ckpt", tmp_path / "ckpt.pt", "--data-dir", data, "--n", 4, "--solver",
+         "rk4", "--steps", 1)
     printed = float(capsys.readouterr().out.split()[0])
     images, _ = fm.load_data("mnist", data, train=False)
     expected = {}
     for name, y in [("null", None), ("label 0", torch.zeros(4, dtype=torch.long))]:
         torch.manual_seed(0)
         pixels = images[torch.randperm(len(images))[:4]]
-        bpd = fm.bits_per_dim(pixels, fm.GuidedField(ema, y), 1, "rk4")
+        bpd = fm.bits_per_dim(pixels, fm.GuidedField(ema, y), fm.Solver("rk4", 1))
         expected[name] = round(bpd.mean().item(), 3)
     assert printed == expected["null"] != expected["label 0"]
 
@@ -1289,7 +1390,8 @@ def test_long_samples_and_likelihoods_print_progress_every_30_seconds(command, n
     monkeypatch.setattr(fm.time, "perf_counter", lambda: next(readings))
     in_chunks = fm.in_chunks
     monkeypatch.setattr(fm, "in_chunks", lambda total: in_chunks(total, size))
-    flags = ["--out", tmp_path / "s.pt"] if command == "sample" else ["--data-dir", data]
+    flags = ["--out", tmp_path / "s.pt"] if command == "sample" else ["--data-dir", data,
+                                                                      "--solver", "rk4"]
     main(command, "--ckpt", run / "ckpt.pt", "--n", n, "--steps", 1, *flags)
     lines = [line for line in capsys.readouterr().out.splitlines() if " of " in line]
     done = list(range(size, n, size))                               # not the last chunk
@@ -1328,14 +1430,16 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         fm.main(["sample", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["(default 5 for rk4, else 7)", "(default 64)", "(default ab2)", "(default 0)",
-                    "ab2 and euler: 1 evaluation a step", "(default 2",
-                    "i mod 10", "(default auto)", "guidance (default 2)", "(default 2.5 for an"]:
+    for default in ["rk4 (default 5), ab2 or euler (7)", "(default 64)", "(default rk4)",
+                    "(default 0)", "ab2 and euler at 1 evaluation a step", "(default 2",
+                    "i mod 10", "(default auto)", "guidance (default 2)", "(default 2.5 for an",
+                    "rtol = atol (default 1e-05)"]:
         assert default in out
     with pytest.raises(SystemExit):
         fm.main(["likelihood", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["(default 1000)", "(default 20)", "(default rk4)", "(default ./data)"]:
+    for default in ["(default 1000)", "(default dopri5)", "rtol = atol (default 1e-05)",
+                    "(default ./data)"]:
         assert default in out
 
 
@@ -1368,6 +1472,11 @@ def bad_inputs(run, cond_run, data, tmp):
         "trajectory not a png": (["sample", "--ckpt", ckpt, "--trajectory", tmp / "f.jpg"],
                                  "must end in .png"),
         "zero steps": (["sample", "--ckpt", ckpt, "--steps", 0], "positive integer"),
+        "steps for dopri5": (["sample", "--ckpt", ckpt, "--solver", "dopri5", "--steps", 3],
+                             "--steps does not apply to --solver dopri5"),
+        "tolerance for rk4": (["likelihood", "--ckpt", ckpt, "--solver", "rk4", "--tol", 1e-3],
+                              "--tol does not apply to --solver rk4"),
+        "zero tolerance": (["likelihood", "--ckpt", ckpt, "--tol", 0], "positive number"),
         "negative n": (["sample", "--ckpt", ckpt, "--n", -3], "positive integer"),
         "unknown output type": (["sample", "--ckpt", ckpt, "--out", tmp / "s.jpg"],
                                 "must end in .png or .pt"),
