@@ -315,6 +315,11 @@ class Solver:
     tol: float = 1e-5
     guided: tuple = (0.2, 0.8)
 
+    def __str__(self):
+        if self.name == "dopri5":
+            return f"dopri5, tolerance {self.tol:g}"
+        return f"{self.name}, {self.steps} steps"
+
     def __call__(self, v, x, t0=0.0, t1=1.0, trajectory=None):
         if self.name == "dopri5":
             return dopri5(v, x, t0, t1, self.tol, self.tol, trajectory)
@@ -664,7 +669,7 @@ def sample(args):
         write_images(trajectory_rows(frames), args.trajectory, len(frames))
     written = " and ".join(path for path in (args.out, args.trajectory) if path)
     weights = f"guidance {guidance:g}, " if config.class_cond else ""
-    print(f"{args.n} samples in {seconds:.1f} s: {described(solver)}, {weights}"
+    print(f"{args.n} samples in {seconds:.1f} s: {solver}, {weights}"
           f"autoguidance {autoguidance:g}, {v.passes / args.n:g} network evaluations each; "
           f"wrote {written}")
 
@@ -693,20 +698,15 @@ def likelihood(args):
     bpd = torch.cat(bpd).cpu()
     print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} "
           f"{config.dataset} test images in {time.perf_counter() - start:.1f} s: "
-          f"{described(solver)}, {v.passes / len(bpd):g} network evaluations (and gradients) each")
+          f"{solver}, {v.passes / len(bpd):g} network evaluations (and gradients) each")
 
 def chosen_solver(args):
     """--solver's preset with the --steps or --tol given, each only where it applies."""
-    adaptive = args.solver == "dopri5"
-    if (args.steps and adaptive) or (args.tol and not adaptive):
-        die(f"--{'steps' if adaptive else 'tol'} does not apply to --solver {args.solver}")
-    changes = {"steps": args.steps, "tol": args.tol}
-    return replace(SAMPLERS[args.solver], **{k: v for k, v in changes.items() if v is not None})
-
-def described(solver):
-    if solver.name == "dopri5":
-        return f"dopri5, tolerance {solver.tol:g}"
-    return f"{solver.name}, {solver.steps} steps"
+    preset = SAMPLERS[args.solver]
+    wrong = "steps" if preset.name == "dopri5" else "tol"
+    if getattr(args, wrong) is not None:
+        die(f"--{wrong} does not apply to --solver {args.solver}")
+    return replace(preset, steps=args.steps or preset.steps, tol=args.tol or preset.tol)
 
 # --- 13. Command line -----------------------------------------------------------------------------
 def die(message):

@@ -1168,7 +1168,7 @@ def test_the_last_grid_is_drawn_by_the_moving_average_alone(run, cond_run, tmp_p
         ema = fm.build_model(config, ckpt["ema"])
         noise = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         labels = torch.arange(64) % 10 if config.class_cond else None
-        expected = generated(fm.GuidedField(ema, labels), noise, 5, "rk4")
+        expected = generated(fm.GuidedField(ema, labels), noise, fm.Solver("rk4", 5))
         fm.save_image(expected, tmp_path / "expected.png", nrow=columns)
         assert torch.equal(read_png(folder / f"samples_{step:06d}.png"),
                            read_png(tmp_path / "expected.png"))
