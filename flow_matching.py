@@ -227,13 +227,12 @@ def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0, trajectory=None):
     return x
 
 # Dormand-Prince 5(4) (Dormand & Prince 1980; the tableau of Hairer, Nørsett & Wanner, Solving
-# Ordinary Differential Equations I, Table II.5.2). Stage i evaluates k_i = v(x + h Σ_j a_ij k_j,
-# t + c_i h). The last row of a weighs the fifth-order solution, so the seventh stage is v at the
-# new point, the next step's first ("first same as last"): six evaluations a step.
+# Ordinary Differential Equations I, Table II.5.2). Stage i > 1 evaluates k_i = v(x + h Σ_j a_ij
+# k_j, t + c_i h). The last row of a weighs the fifth-order solution, so the seventh stage is v at
+# the new point, the next step's first ("first same as last"): six evaluations a step.
 # Tests: test_dopri5_converges_at_order_5, test_dopri5_keeps_to_its_tolerance, and those after.
 DP_C = (0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1)
-DP_A = ((),
-        (1 / 5,),
+DP_A = ((1 / 5,),
         (3 / 40, 9 / 40),
         (44 / 45, -56 / 15, 32 / 9),
         (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
@@ -245,7 +244,7 @@ def dopri5_step(v, x, t, h, k1):
     """x(t + h) to fifth order, its difference from the embedded fourth-order solution (the step's
     error estimate) and v at the new point, from k1 = v(x, t) and six more evaluations."""
     k = [k1]
-    for c, a in zip(DP_C[1:], DP_A[1:]):
+    for c, a in zip(DP_C[1:], DP_A):
         k.append(v(x + h * sum(a_j * k_j for a_j, k_j in zip(a, k)), t + c * h))
     x_new = x + h * sum(b_j * k_j for b_j, k_j in zip(DP_A[-1], k))  # x + h Σ b_j k_j
     b5_minus_b4 = [b5 - b4 for b5, b4 in zip(DP_A[-1] + (0,), DP_B4)]
@@ -649,16 +648,15 @@ def conditioning(args, config, guide):
     return labels, guidance, autoguidance
 
 def sample(args):
-    solver = chosen_solver(args)
     config, model, guide, device = load_model(args)
     labels, guidance, autoguidance = conditioning(args, config, guide)
     seeded = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.n, *config.image_shape, generator=seeded)
     frames = [noise[:128].to(device)] if args.trajectory else None  # x_t of the first chunk
-    v = GuidedField(model, None, guidance, guide, autoguidance, solver.guided)
+    v = GuidedField(model, None, guidance, guide, autoguidance, args.solver.guided)
     bf16 = use_bfloat16(device, args.fp32)                          # as in train; x stays float32
     start = time.perf_counter()
-    images = draw_samples(v, noise, labels, solver, bf16, frames)
+    images = draw_samples(v, noise, labels, args.solver, bf16, frames)
     seconds = time.perf_counter() - start
     nrow = math.ceil(math.sqrt(args.n))
     if config.class_cond and args.label is None:
@@ -669,7 +667,7 @@ def sample(args):
         write_images(trajectory_rows(frames), args.trajectory, len(frames))
     written = " and ".join(path for path in (args.out, args.trajectory) if path)
     weights = f"guidance {guidance:g}, " if config.class_cond else ""
-    print(f"{args.n} samples in {seconds:.1f} s: {solver}, {weights}"
+    print(f"{args.n} samples in {seconds:.1f} s: {args.solver}, {weights}"
           f"autoguidance {autoguidance:g}, {v.passes / args.n:g} network evaluations each; "
           f"wrote {written}")
 
@@ -687,18 +685,17 @@ def write_images(images, path, nrow):
 
 def likelihood(args):
     """Bits/dim of test images; a class-conditional model's unconditional density, v given ∅."""
-    solver = chosen_solver(args)
     config, model, _, device = load_model(args)
     images, _ = load_data(config.dataset, args.data_dir, train=False)
     torch.manual_seed(args.seed)                                    # which images, U and ε
     pixels = images[torch.randperm(len(images))[:args.n]].to(device)
     v = GuidedField(model)
     start = time.perf_counter()
-    bpd = [bits_per_dim(pixels[i], v, solver) for i in in_chunks(len(pixels))]
+    bpd = [bits_per_dim(pixels[i], v, args.solver) for i in in_chunks(len(pixels))]
     bpd = torch.cat(bpd).cpu()
     print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} "
           f"{config.dataset} test images in {time.perf_counter() - start:.1f} s: "
-          f"{solver}, {v.passes / len(bpd):g} network evaluations (and gradients) each")
+          f"{args.solver}, {v.passes / len(bpd):g} network evaluations (and gradients) each")
 
 def chosen_solver(args):
     """--solver's preset with the --steps or --tol given, each only where it applies."""
@@ -804,6 +801,8 @@ def parse_args(argv=None):
     solver_flags(lk, "dopri5")
     args = parser.parse_args(argv)
     check_outputs(args)
+    if args.command != "train":
+        args.solver = chosen_solver(args)                           # a preset, a Solver of Part I
     return args
 
 def check_outputs(args):
