@@ -276,14 +276,15 @@ def test_path_given_x1_is_gaussian_with_mean_t_x1_and_std_sigma_t():
                                    rtol=0)
 
 
-def test_training_times_are_logit_normal_with_scale_one_and_a_half():
-    """t = σ(s), s ~ N(0, 1.5²): logit(t) has mean 0 and standard deviation 1.5, and 1 t in 40 is
-    past 0.95 (P(s > logit 0.95 = 2.94) = 0.025), where s ~ N(0, 1) puts 1 in 600."""
+@pytest.mark.parametrize("scale, past_095", [((), 0.0016), ((1.5,), 0.025)])
+def test_training_times_are_logit_normal_with_scale_one_unless_asked(scale, past_095):
+    """t = σ(s), s ~ N(0, scale²): logit(t) has mean 0 and standard deviation 1 by default, and
+    1 t in 600 is past 0.95 (P(s > logit 0.95 = 2.94) = 0.0016); scale 1.5 puts 1 in 40 there."""
     torch.manual_seed(0)
-    t = fm.draw_t(100_000)
+    t = fm.draw_t(200_000, *scale)
     logit = torch.log(t / (1 - t))
-    assert abs(logit.mean()) < 0.02 and abs(logit.std() - 1.5) < 0.02
-    assert (t > 0.95).float().mean().item() == pytest.approx(0.025, abs=0.002)
+    assert abs(logit.mean()) < 0.02 and abs(logit.std() - (scale or (1.0,))[0]) < 0.02
+    assert (t > 0.95).float().mean().item() == pytest.approx(past_095, rel=0.1)
 
 
 # --- 4. The conditional flow matching loss --------------------------------------------------------
@@ -370,15 +371,18 @@ def test_integrating_the_marginal_velocity_lands_on_the_data():
 # --- 5. A training step ---------------------------------------------------------------------------
 
 def test_a_batch_pairs_standard_normal_noise_with_images_and_logit_normal_times():
-    """x0 ~ N(0, I); x1 the chosen images on the model's scale; logit(t) ~ N(0, 1.5²); no labels."""
+    """x0 ~ N(0, I); x1 the chosen images on the model's scale; logit(t) ~ N(0, 1); no labels;
+    logit(t) ~ N(0, 1.5²) with t_scale=1.5."""
     torch.manual_seed(0)
     images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 8, 8) * 60
     x0, x1, t, y = fm.draw_batch(images, 20_000)
     assert abs(x0.mean()) < 0.01 and abs(x0.std() - 1) < 0.01
     torch.testing.assert_close(x1.unique(), torch.tensor([0.0, 60, 120, 180]) / 127.5 - 1)
     logit = torch.log(t / (1 - t))
-    assert abs(logit.mean()) < 0.04 and abs(logit.std() - 1.5) < 0.04
+    assert abs(logit.mean()) < 0.04 and abs(logit.std() - 1) < 0.04
     assert y is None
+    t = fm.draw_batch(images, 20_000, t_scale=1.5)[2]
+    assert abs(torch.log(t / (1 - t)).std() - 1.5) < 0.04
 
 
 def test_each_label_becomes_the_null_label_one_time_in_ten_drawn_per_image():
@@ -1145,18 +1149,18 @@ def test_batches_come_from_the_data_set_with_labels_if_asked_and_flips_only_for_
     mirrored images for CIFAR-10 alone."""
     calls, draw_batch = [], fm.draw_batch
 
-    def recorded(images, batch_size, labels=None, null_label=None, flip=False):
-        calls.append((images, labels, null_label, flip))
-        return draw_batch(images, batch_size, labels, null_label, flip)
+    def recorded(images, batch_size, labels=None, null_label=None, flip=False, t_scale=1.0):
+        calls.append((images, labels, null_label, flip, t_scale))
+        return draw_batch(images, batch_size, labels, null_label, flip, t_scale)
 
     monkeypatch.setattr(fm, "draw_batch", recorded)
-    flags = ["--class-cond"] if class_cond else []
+    flags = ["--class-cond", "--t-scale", 1.5] if class_cond else []
     main("train", "--data-dir", data, "--out", tmp_path, "--steps", 2, "--dataset", dataset,
          *flags, *TINY)
-    (images, labels, null_label, flip), _ = calls
+    (images, labels, null_label, flip, t_scale), _ = calls
     assert torch.equal(images, fm.load_data(dataset, data)[0])
     assert (labels is not None) == class_cond and null_label == 10
-    assert flip == (dataset == "cifar10")
+    assert flip == (dataset == "cifar10") and t_scale == (1.5 if class_cond else 1.0)
     assert load(tmp_path / "ckpt.pt")["config"]["dataset"] == dataset
 
 
@@ -1425,7 +1429,7 @@ def test_help_shows_the_defaults(capsys):
     for default in ["(default 0.002)", "(default 128)", "(default 32,64,128,128)", "(default 10.0)",
                     "(default runs/mnist)", "(default ./data)", "replaces the budget",
                     "(default auto)", "1 label in 10", "t=1 on the OT path (default 0.0)",
-                    "same weights (default 0)"]:
+                    "same weights (default 0)", "s ~ N(0, T²) (default 1.0)"]:
         assert default in out
     with pytest.raises(SystemExit):
         fm.main(["sample", "--help"])
@@ -1514,6 +1518,7 @@ def bad_inputs(run, cond_run, data, tmp):
         "resume, other widths": ([*resume, "--widths", "8,16"], "--widths 8,16 would change"),
         "resume, other seed": ([*resume, "--seed", 1], "--seed 1 would change"),
         "resume, other sigma": ([*resume, "--sigma-min", 0.1], "--sigma-min 0.1 would change"),
+        "resume, other t scale": ([*resume, "--t-scale", 1.5], "--t-scale 1.5 would change"),
         "resume, class-cond": ([*resume, "--class-cond"], "--class-cond True would change the run"),
         "label, unconditional": (["sample", "--ckpt", ckpt, "--label", 3], "need a model trained"),
         "guidance, unconditional": (["sample", "--ckpt", ckpt, "--guidance", 2],
