@@ -798,8 +798,9 @@ def parse_args(argv=None):
                                     help="train a velocity network"))
     sample_flags(commands.add_parser("sample", parents=[reader, precision], help="draw samples"))
     lk = commands.add_parser("likelihood", parents=[data, reader], help="bits/dim")
-    lk.add_argument("--n", type=checked(int, lambda n: n > 1, "integer above 1"), default=1000,
-                    help="test images, 2 or more for the ±, a standard error (default %(default)s)")
+    lk.add_argument("--n", type=checked(int, lambda n: n > 1, "integer above 1"), default=128,
+                    help="test images, 2 or more for the ±, a standard error (default %(default)s: "
+                    "about ± 0.03 bits/dim in minutes on 2 CPU cores with dopri5)")
     solver_flags(lk, "dopri5")
     args = parser.parse_args(argv)
     check_outputs(args)

@@ -1442,7 +1442,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         fm.main(["likelihood", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ["(default 1000)", "(default dopri5)", "rtol = atol (default 1e-05)",
+    for default in ["(default 128: about ± 0.03", "(default dopri5)", "rtol = atol (default 1e-05)",
                     "(default ./data)"]:
         assert default in out
 
