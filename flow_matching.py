@@ -23,6 +23,7 @@ References:
     Karras et al. Guiding a Diffusion Model with a Bad Version of Itself. arXiv:2406.02507.
     Kynkäänniemi et al. Applying Guidance in a Limited Interval. arXiv:2404.07724.
     Grathwohl et al. FFJORD (Hutchinson's divergence estimator in flows). arXiv:1810.01367.
+    Dormand, Prince. A family of embedded Runge-Kutta formulae. J. Comput. Appl. Math. 6, 1980.
 """
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -114,9 +115,8 @@ def ot_path(x0, x1, t, sigma_min):
     return xt, u
 
 def draw_t(n, scale=1.0):
-    """t for training: logit-normal (Esser et al. 2024). Any density on (0, 1) trains one field;
-    this dwells mid-path, where u is most ambiguous. Scale 1.5 puts 1 t in 40 past 0.95 (1 puts 1
-    in 600), where log p_1 is decided: better bits/dim, no better digits (docs/results.md)."""
+    """t for training, logit-normal (Esser et al. 2024): mid-path, where u is most ambiguous. Scale
+    1.5 puts 1 t in 40 past 0.95 (1: 1 in 600), where log p_1 is decided: better bits/dim."""
     return torch.sigmoid(scale * torch.randn(n))                    # t = σ(s), s ~ N(0, scale²)
 
 # --- 4. The conditional flow matching loss --------------------------------------------------------
@@ -190,8 +190,7 @@ def train_step(model, ema, opt, batch, lr, step, sigma_min=0.0, bf16=False):
 # --- 6. Samplers ----------------------------------------------------------------------------------
 # Generation integrates dx/dt = v(x, t) from t=0 (noise) to t=1 for any v(x, t): the network, or,
 # in the tests, fields with known solutions. Fixed steps of length h miss x(1) by O(h) for Euler,
-# O(h²) for Adams-Bashforth and O(h⁴) for RK4, at 1, 1 and 4 evaluations of v a step. Each step
-# takes and returns a memory: AB2 keeps its last slope in it, the others none.
+# O(h²) for Adams-Bashforth and O(h⁴) for RK4, at 1, 1 and 4 evaluations of v a step.
 # Tests: test_solvers_converge_at_their_order, test_steps_follow_the_grid_and_end_at_t1.
 def euler_step(v, x, t, h, memory=None):
     return x + h * v(x, t), None                                    # x_{t+h} = x_t + h v(x_t, t)
@@ -227,35 +226,30 @@ def integrate(v, x, steps, solver="rk4", t0=0.0, t1=1.0, trajectory=None):
             trajectory.append(x)
     return x
 
-# Dormand-Prince 5(4) (Dormand & Prince 1980; the tableau of Hairer, Nørsett & Wanner, Solving
-# Ordinary Differential Equations I, Table II.5.2). Stage i > 1 evaluates k_i = v(x + h Σ_j a_ij
-# k_j, t + c_i h). The last row of a weighs the fifth-order solution, so the seventh stage is v at
-# the new point, the next step's first ("first same as last"): six evaluations a step. DP_E weighs
-# the difference between that solution and the embedded fourth-order one, the step's error.
-# Tests: test_dopri5_converges_at_order_5, test_dopri5_keeps_to_its_tolerance, and those after.
-DP_C = (0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1)
-DP_A = ((1 / 5,),
-        (3 / 40, 9 / 40),
-        (44 / 45, -56 / 15, 32 / 9),
-        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-        (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+# Dormand-Prince 5(4) (Dormand & Prince 1980; Hairer, Nørsett & Wanner, Solving ODEs I, Table
+# II.5.2): k_i = v(x + h Σ_j a_ij k_j, t + c_i h). a's last row weighs the fifth-order solution, so
+# k_7 is v at the new point, the next step's k_1: 6 evaluations a step. DP_E weighs the difference
+# from the embedded fourth-order solution: the step's error. Tests: test_dopri5_*.
+DP_TABLEAU = ((1 / 5, (1 / 5,)),                                    # (c_i, a_i1 ... a_i,i-1), i > 1
+              (3 / 10, (3 / 40, 9 / 40)),
+              (4 / 5, (44 / 45, -56 / 15, 32 / 9)),
+              (8 / 9, (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729)),
+              (1, (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656)),
+              (1, (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)))
 DP_E = (71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)  # b5 - b4
 
 def dopri5_step(v, x, t, h, k1):
-    """x(t + h) to fifth order, its difference from the embedded fourth-order solution (the step's
-    error estimate) and v at the new point, from k1 = v(x, t) and six more evaluations."""
+    """x(t + h) to fifth order, its error estimate x5 - x4 and k_7, from k1 = v(x, t) and 6 more."""
     k = [k1]
-    for c, a in zip(DP_C[1:], DP_A):
+    for c, a in DP_TABLEAU:
         k.append(v(x + h * sum(a_j * k_j for a_j, k_j in zip(a, k)), t + c * h))
-    x_new = x + h * sum(b_j * k_j for b_j, k_j in zip(DP_A[-1], k))  # x + h Σ b_j k_j
+    x_new = x + h * sum(b_j * k_j for b_j, k_j in zip(DP_TABLEAU[-1][1], k))  # x + h Σ b_j k_j
     error = h * sum(e_j * k_j for e_j, k_j in zip(DP_E, k))         # x5 - x4
     return x_new, error, k[-1]
 
 def dopri5(v, x, t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5, trajectory=None):
-    """x(t1) from x(t0) in steps that Dormand-Prince sizes itself. A step is kept when its error
-    over atol + rtol |x|, root-mean-squared over all entries, r, is at most 1, and retried if not;
-    either way the next is h · 0.9 r^(-1/5), within 0.2 h and 10 h. `trajectory` gets the x kept."""
+    """x(t1) from x(t0) in steps sized to keep r, the root mean square of error / (atol + rtol |x|),
+    at most 1: a step with r > 1 is retried; each next h is h · 0.9 r^(-1/5), within [h/5, 10 h]."""
     t, k1 = t0, v(x, t0)
     h = 0.01 * (t1 - t0)                                            # a first guess; r corrects it
     while t != t1:
@@ -280,15 +274,14 @@ def dopri5(v, x, t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5, trajectory=None):
 # Tests: test_classifier_free_guidance_mixes..., test_autoguidance_mixes..., test_the_guide_acts...
 @dataclass
 class GuidedField:
-    """The samplers' v(x, t), t a number: the network given labels y, guided where
-    times[0] ≤ t ≤ times[1]; `passes` counts network evaluations, passes over single images."""
+    """The samplers' v(x, t), t a number: the network given labels y, guided where t is in times."""
     model: nn.Module
     y: torch.Tensor = None                  # a label per image; None: the null label, or no label
     guidance: float = 1.0                   # classifier-free guidance's w; 1 is none
     guide: nn.Module = None                 # autoguidance's guide
     autoguidance: float = 1.0               # autoguidance's w; 1 is none
-    times: tuple = (0.2, 0.8)               # where guidance acts
-    passes: int = 0
+    times: tuple = (0.2, 0.8)               # guided where times[0] ≤ t ≤ times[1]
+    passes: int = 0                         # network evaluations so far, passes over single images
 
     def __call__(self, x, t):
         mid_path = self.times[0] <= t <= self.times[1]
@@ -304,16 +297,13 @@ class GuidedField:
             pushed = pushed + (self.autoguidance - 1) * (v - self.guide(x, t, self.y))
         return pushed
 
-# Each `sample --solver` below, the steps it takes and where it guides, and the default weights,
-# were chosen by the measurements of docs/results.md ("Samplers", "Guidance").
 @dataclass(frozen=True)
 class Solver:
-    """How to integrate dx/dt = v: a fixed-step solver and its steps, or dopri5 to within its
-    tolerance (rtol = atol = tol); `guided` is where in t `sample` guides v."""
-    name: str = "rk4"
-    steps: int = 5
-    tol: float = 1e-5
-    guided: tuple = (0.2, 0.8)
+    """How to integrate dx/dt = v; --solver S runs SAMPLERS[S], each measured in docs/results.md."""
+    name: str = "rk4"                       # a fixed-step solver of SOLVERS, or dopri5
+    steps: int = 5                          # the fixed-step solver's steps
+    tol: float = 1e-5                       # dopri5's rtol = atol, to which it sizes its own steps
+    guided: tuple = (0.2, 0.8)              # where in t `sample` guides v
 
     def __str__(self):
         detail = f"tolerance {self.tol:g}" if self.name == "dopri5" else f"{self.steps} steps"
@@ -324,12 +314,10 @@ class Solver:
             return dopri5(v, x, t0, t1, self.tol, self.tol, trajectory)
         return integrate(v, x, self.steps, self.name, t0, t1, trajectory)
 
-SAMPLERS = {
-    "rk4": Solver("rk4", 5),                                        # the default: 30 evaluations
-    "ab2": Solver("ab2", 7, guided=(0.2, 0.6)),                     # 10: 3 of the 7 steps guided
-    "euler": Solver("euler", 7, guided=(0.2, 0.6)),
-    "dopri5": Solver("dopri5"),                                     # the ODE's own answer
-}
+SAMPLERS = {"rk4": Solver("rk4", 5),                                # the default: 30 evaluations
+            "ab2": Solver("ab2", 7, guided=(0.2, 0.6)),             # 10: 3 of the 7 steps guided
+            "euler": Solver("euler", 7, guided=(0.2, 0.6)),
+            "dopri5": Solver("dopri5")}                             # the ODE's own answer
 GUIDANCE = 2.0                          # classifier-free, for class-conditional models
 AUTOGUIDANCE = 2.5                      # for unconditional models that have a guide
 
@@ -380,7 +368,6 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-
 from torchvision import datasets  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
@@ -432,8 +419,7 @@ def use_bfloat16(device, fp32):
 # --- 10. The run's settings and checkpoints -------------------------------------------------------
 @dataclass
 class RunConfig:
-    """What defines a run: train's flags set it, and its checkpoint keeps it (as nanoGPT keeps its
-    model_args), so that sample, likelihood and train --resume need nothing else."""
+    """What defines a run: train's flags set it, its checkpoint keeps it (nanoGPT's model_args)."""
     dataset: str = "mnist"                  # a key of DATASETS
     class_cond: bool = False                # learn v(x, t, label) too, for --label and --guidance
     widths: tuple = (32, 64, 128, 128)      # U-Net channels at each resolution, from the top
@@ -464,8 +450,9 @@ EXTENDABLE = {"steps", "minutes", "save_every"}                     # what --res
 def build_model(config, weights=None, device="cpu"):
     classes = config.classes if config.class_cond else 0
     model = VelocityNet(config.image_shape[0], config.widths, classes)
-    if weights is not None:
+    if weights is not None:                                         # trained: to evaluate
         model.load_state_dict(weights)
+        model.eval().requires_grad_(False)
     return model.to(device)
 
 def save_run(state, config, folder):
@@ -508,9 +495,9 @@ def run_config(args):
     """The run's settings and, with --resume, its checkpoint. A new run takes the flags given over
     RunConfig's defaults; a resumed one keeps its own, and only its budget may change."""
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    if "steps" in given or "minutes" in given:                      # the budget given is the whole
+        given = {"steps": None, "minutes": None, **given}           # budget, new run or resumed
     if not args.resume:
-        if "steps" in given and "minutes" not in given:
-            given["minutes"] = None
         return RunConfig(**given), None
     ckpt, stored = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
     for name, value in given.items():
@@ -519,8 +506,6 @@ def run_config(args):
             die(f"{flag} {shown(value)} would change the run in {args.out}, trained with "
                 f"{flag} {shown(getattr(stored, name))}: --resume continues a run as set up")
     extended = {name: value for name, value in given.items() if name in EXTENDABLE}
-    if "steps" in extended or "minutes" in extended:                # a new budget replaces the old
-        extended = {"steps": None, "minutes": None, **extended}
     return replace(stored, **extended), ckpt
 
 def shown(value):
@@ -571,8 +556,7 @@ def run_steps(state, config, next_batch, bf16, out):
     while state.step < max_steps and state.elapsed < max_seconds and not signals:
         progress = max(state.step / max_steps, state.elapsed / max_seconds)  # whichever ends first
         lr = learning_rate(config.lr, state.step, progress)
-        batch = next_batch()
-        loss = train_step(state.model, state.ema, state.opt, batch, lr, state.step,
+        loss = train_step(state.model, state.ema, state.opt, next_batch(), lr, state.step,
                           config.sigma_min, bf16)
         state.step += 1
         state.elapsed = time.perf_counter() - clock
@@ -597,10 +581,8 @@ def run_steps(state, config, next_batch, bf16, out):
 def load_model(args):
     device = pick_device(args.device)
     ckpt, config = load_checkpoint(args.ckpt)
-    model = build_model(config, ckpt["ema"], device).eval().requires_grad_(False)
-    guide = None
-    if ckpt["guide"] is not None:
-        guide = build_model(config, ckpt["guide"], device).eval().requires_grad_(False)
+    model = build_model(config, ckpt["ema"], device)
+    guide = None if ckpt["guide"] is None else build_model(config, ckpt["guide"], device)
     return config, model, guide, device
 
 def in_chunks(n, size=128):
@@ -692,19 +674,10 @@ def likelihood(args):
     pixels = images[torch.randperm(len(images))[:args.n]].to(device)
     v = GuidedField(model)
     start = time.perf_counter()
-    bpd = [bits_per_dim(pixels[i], v, args.solver) for i in in_chunks(len(pixels))]
-    bpd = torch.cat(bpd).cpu()
+    bpd = torch.cat([bits_per_dim(pixels[i], v, args.solver) for i in in_chunks(len(pixels))])
     print(f"{bpd.mean():.3f} ± {bpd.std() / math.sqrt(len(bpd)):.3f} bits/dim on {len(bpd)} "
           f"{config.dataset} test images in {time.perf_counter() - start:.1f} s: "
           f"{args.solver}, {v.passes / len(bpd):g} network evaluations (and gradients) each")
-
-def chosen_solver(args):
-    """--solver's preset with the --steps or --tol given, each only where it applies."""
-    preset = SAMPLERS[args.solver]
-    wrong = "steps" if preset.name == "dopri5" else "tol"
-    if getattr(args, wrong) is not None:
-        die(f"--{wrong} does not apply to --solver {args.solver}")
-    return replace(preset, steps=args.steps or preset.steps, tol=args.tol or preset.tol)
 
 # --- 13. Command line -----------------------------------------------------------------------------
 def die(message):
@@ -739,8 +712,8 @@ def config_flag(parser, name, help, **kwargs):
     default = getattr(RunConfig, name)
     if default is not None and default is not False:
         help += f" (default {shown(default)})"
-    flag = "--" + name.replace("_", "-")
-    parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help, **kwargs)
+    flag = "--" + name.replace("_", "-")                            # dest: name
+    parser.add_argument(flag, default=argparse.SUPPRESS, help=help, **kwargs)
 
 def train_flags(parser):
     config_flag(parser, "dataset", "torchvision data set", choices=sorted(DATASETS))
@@ -761,7 +734,7 @@ def train_flags(parser):
                         "set up; a --steps or --minutes given with it replaces the budget")
 
 def sample_flags(parser):
-    solver_flags(parser, "rk4")
+    reader_flags(parser, "rk4")
     parser.add_argument("--n", type=COUNT, default=64, help="samples (default %(default)s)")
     parser.add_argument("--out", help=".png for a grid, .pt for a tensor (N, C, H, W) in [0, 1] "
                         "(default samples.png, unless --trajectory is all that is asked)")
@@ -772,10 +745,11 @@ def sample_flags(parser):
                         "unconditional model with a guide, else 1)")
     parser.add_argument("--trajectory", help="also save x_t of 8 samples, a row each, to this .png")
 
-def solver_flags(parser, default):
-    parser.add_argument("--solver", default=default, choices=sorted(SAMPLERS), help="ODE solver: "
-                        "ab2 and euler at 1 evaluation a step, rk4 at 4, or dopri5, which picks "
-                        "its steps (default %(default)s)")
+def reader_flags(parser, solver):
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train")
+    parser.add_argument("--seed", type=SEED, default=0, help="same seed, same draws (default 0)")
+    parser.add_argument("--solver", default=solver, choices=sorted(SAMPLERS),
+                        help="ODE solver; dopri5 sizes its own steps (default %(default)s)")
     parser.add_argument("--steps", type=COUNT, help="steps of rk4 (default 5), ab2 or euler (7)")
     parser.add_argument("--tol", type=POSITIVE, help="dopri5's rtol = atol (default 1e-05)")
 
@@ -788,24 +762,25 @@ def parse_args(argv=None):
     device = Parser(add_help=False)
     device.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run; auto takes cuda, then mps, then cpu (default auto)")
-    reader = Parser(add_help=False, parents=[device])
-    reader.add_argument("--ckpt", required=True, help="checkpoint written by train")
-    reader.add_argument("--seed", type=SEED, default=0, help="same seed, same draws (default 0)")
     precision = Parser(add_help=False)                              # train's and sample's
     precision.add_argument("--fp32", action="store_true",
                            help="no bfloat16 autocast (on by itself on CUDA and AVX-512 BF16 CPUs)")
     train_flags(commands.add_parser("train", parents=[data, device, precision],
                                     help="train a velocity network"))
-    sample_flags(commands.add_parser("sample", parents=[reader, precision], help="draw samples"))
-    lk = commands.add_parser("likelihood", parents=[data, reader], help="bits/dim")
+    sample_flags(commands.add_parser("sample", parents=[device, precision], help="draw samples"))
+    lk = commands.add_parser("likelihood", parents=[data, device], help="bits/dim")
     lk.add_argument("--n", type=checked(int, lambda n: n > 1, "integer above 1"), default=128,
-                    help="test images, 2 or more for the ±, a standard error (default %(default)s: "
-                    "about ± 0.03 bits/dim in minutes on 2 CPU cores with dopri5)")
-    solver_flags(lk, "dopri5")
+                    help="test images, 2 or more (default %(default)s: ± 0.03 bits/dim in minutes)")
+    reader_flags(lk, "dopri5")
     args = parser.parse_args(argv)
     check_outputs(args)
-    if args.command != "train":
-        args.solver = chosen_solver(args)                           # a preset, a Solver of Part I
+    if args.command == "train":
+        return args
+    preset = SAMPLERS[args.solver]                                  # a Solver of Part I
+    wrong = "steps" if preset.name == "dopri5" else "tol"           # the flag that does not apply
+    if getattr(args, wrong) is not None:
+        die(f"--{wrong} does not apply to --solver {args.solver}")
+    args.solver = replace(preset, steps=args.steps or preset.steps, tol=args.tol or preset.tol)
     return args
 
 def check_outputs(args):
@@ -835,9 +810,8 @@ def check_writable(path, endings):
 
 def main(argv=None):
     args = parse_args(argv)
-    commands = {"train": train, "sample": sample, "likelihood": likelihood}
     try:
-        commands[args.command](args)
+        {"train": train, "sample": sample, "likelihood": likelihood}[args.command](args)
     except BrokenPipeError:                                         # `... | head -1` read enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say
         sys.exit(1)
