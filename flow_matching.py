@@ -258,7 +258,7 @@ def dopri5(v, x, t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5, trajectory=None):
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         r = (error / scale).square().mean().sqrt().item()
         if r <= 1:                                                  # kept
-            t = t1 if h == t1 - t else t + h
+            t = t + h                                               # t1 itself at the last
             x, k1 = x_new, k_new
             if trajectory is not None:
                 trajectory.append(x)

@@ -615,6 +615,54 @@ def test_dopri5_converges_at_order_5():
     assert 0 < max(estimates) < 1e-7
 
 
+def test_dopri5_is_exact_on_a_quartic_and_its_error_is_the_fourth_order_solutions_miss():
+    """v = 5t⁴ from t=0, h=1: a fifth-order solution is exact on it, x(1) = 1; the embedded
+    fourth-order one, x4 = Σ b*_j v(c_j), is not; the error estimate is their difference, with
+    c and b* as Dormand & Prince give them; and k_7 is v at the new point, 5."""
+    c = [0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1]
+    b4 = [5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
+    x4 = sum(b * 5 * c_j ** 4 for b, c_j in zip(b4, c))
+
+    def v(x, t):
+        return torch.full_like(x, 5 * t ** 4)
+
+    x0 = torch.zeros(1, dtype=torch.float64)
+    x1, error, k7 = fm.dopri5_step(v, x0, 0.0, 1.0, v(x0, 0.0))
+    torch.testing.assert_close(x1, torch.ones(1, dtype=torch.float64), atol=1e-14, rtol=0)
+    torch.testing.assert_close(error, torch.tensor([1 - x4], dtype=torch.float64), atol=1e-14,
+                               rtol=0)
+    assert abs(1 - x4) > 1e-4 and k7.item() == 5.0
+
+
+def test_dopri5_sizes_each_step_from_the_error_ratio_of_the_last(monkeypatch):
+    """A step of known error on dx/dt = 1 from x = 3, e = 10³ h⁵ (1 + 10³ t³) in every entry, so
+    that it grows faster than the controller expects: r = e / (atol + rtol max(|x|, |x_new|)); a
+    step is kept if r ≤ 1, else retried from the same t; either way the next h is h · 0.9 r^(-1/5)
+    within [h/5, 10 h]; the last step ends on t1 exactly."""
+    tried, atol, rtol = [], 1e-4, 1e-3
+
+    def step(v, x, t, h, k1):
+        tried.append((t, h, x[0].item()))
+        return x + h, torch.full_like(x, 1e3 * h ** 5 * (1 + 1e3 * t ** 3)), k1
+
+    monkeypatch.setattr(fm, "dopri5_step", step)
+    kept = []
+    x1 = fm.dopri5(lambda x, t: torch.ones_like(x), torch.full((3,), 3.0, dtype=torch.float64),
+                   0.0, 1.0, rtol, atol, trajectory=kept)
+    t, h, x, expected = 0.0, 0.01, 3.0, []
+    while t != 1.0:
+        h = min(h, 1.0 - t)
+        expected.append((t, h, x))
+        r = 1e3 * h ** 5 * (1 + 1e3 * t ** 3) / (atol + rtol * max(abs(x), abs(x + h)))
+        if r <= 1:
+            t, x = (1.0 if h == 1.0 - t else t + h), x + h
+        h = h * min(10.0, max(0.2, 0.9 * r ** -0.2))
+    assert [(a, pytest.approx(b), pytest.approx(c)) for a, b, c in expected] == tried
+    assert len(tried) > len(kept) > 3                               # some steps were retried
+    torch.testing.assert_close(x1, torch.full((3,), 4.0, dtype=torch.float64))
+    assert tried[-1][0] + tried[-1][1] == 1.0
+
+
 @pytest.mark.parametrize("case", ["x cos t", "stiff-ish"])
 @pytest.mark.parametrize("tol", [1e-4, 1e-6])
 def test_dopri5_keeps_to_its_tolerance(case, tol, monkeypatch):
@@ -657,7 +705,9 @@ def test_dopri5_backwards_undoes_forwards(t0, t1):
         return torch.sin(x) + t
 
     x0 = torch.randn(5, dtype=torch.float64)
-    there = fm.dopri5(v, x0, t0, t1, 1e-9, 1e-9)
+    kept = []
+    there = fm.Solver("dopri5", tol=1e-9)(v, x0, t0, t1, trajectory=kept)
+    assert len(kept) > 1 and torch.equal(kept[-1], there)           # x after each step kept
     torch.testing.assert_close(fm.dopri5(v, there, t1, t0, 1e-9, 1e-9), x0, atol=1e-7, rtol=0)
 
 
