@@ -1394,6 +1394,22 @@ def test_likelihood_prints_bits_per_dim_and_the_evaluations(run, data, capsys):
     assert "on 16 mnist test images" in capsys.readouterr().out     # --n beyond the test set
 
 
+def test_likelihood_takes_dopri5_at_1e_5_unless_another_tolerance_is_asked(run, data, capsys,
+                                                                         monkeypatch):
+    """By default dopri5 at rtol = atol = 1e-5; --tol 1e-3 reaches the solver as its tolerance."""
+    used, dopri5 = [], fm.dopri5
+
+    def recorded(v, x, t0, t1, rtol, atol, trajectory=None):
+        used.append((rtol, atol))
+        return dopri5(v, x, t0, t1, rtol, atol, trajectory)
+
+    monkeypatch.setattr(fm, "dopri5", recorded)
+    for flags, said, tol in [([], "dopri5, tolerance 1e-05", 1e-5),
+                             (["--tol", 1e-3], "dopri5, tolerance 0.001", 1e-3)]:
+        main("likelihood", "--ckpt", run / "ckpt.pt", "--data-dir", data, "--n", 4, *flags)
+        assert said in capsys.readouterr().out and used.pop() == (tol, tol)
+
+
 def test_likelihood_repeats_with_its_seed(run, data, monkeypatch):
     """--seed picks the images, and the random state that draws their dequantisation noise and
     random signs."""
