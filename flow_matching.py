@@ -712,7 +712,7 @@ def config_flag(parser, name, help, **kwargs):
     default = getattr(RunConfig, name)
     if default is not None and default is not False:
         help += f" (default {shown(default)})"
-    flag = "--" + name.replace("_", "-")                            # dest: name
+    flag = "--" + name.replace("_", "-")                            # its dest: name
     parser.add_argument(flag, default=argparse.SUPPRESS, help=help, **kwargs)
 
 def train_flags(parser):
